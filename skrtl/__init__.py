@@ -1,9 +1,13 @@
 """skrtl: scikit-learn compatible radiomics transfer learning.
 
 Pretrained CNN features, harmonization, fine-tuning, label-shift calibration, Optuna tuning and
-survival models for small multi-site medical imaging data sets.
+survival models for small multi-site medical imaging data sets. Importing skrtl has no side
+effects: it changes neither scikit-learn's global configuration nor any random seed.
 """
 
+from . import datasets
+from ._adabn import AdaBN, bn_layers, reestimate_bn_stats
+from ._advisor import StrategyAdvice, suggest_strategy
 from ._backbone import (
     DEFAULT_BACKBONE,
     BackboneWeightsError,
@@ -13,19 +17,98 @@ from ._backbone import (
     get_transfer_layers,
     load_backbone,
 )
+from ._calibration import BiasCorrectedTemperatureScaling, TemperatureScaling, VectorScaling
+from ._combat import ComBatHarmonizer, ComBatWarning
+from ._diagnostics import MMDResult, ShiftDiagnosis, diagnose_shift, mmd_test, proxy_a_distance
+from ._features import PretrainedCNNFeatures, clear_feature_cache, feature_cache_info
+from ._finetune import FineTuneClassifier
+from ._harmonize import (
+    CT_WINDOWS,
+    HarmonizationWarning,
+    HistogramMatcher,
+    IntensityStandardizer,
+    IntensityWindow,
+    SpacingResampler,
+)
 from ._imaging import make_image_frame, read_image_frame
+from ._label_shift import (
+    LabelShiftAdapter,
+    LabelShiftWarning,
+    adjust_posteriors,
+    bbse_prior_estimate,
+    em_prior_estimate,
+    prior_shift_class_weight,
+    prior_shift_sample_weight,
+)
+from ._radiomics import RADIOMICS_FEATURE_CLASSES, RadiomicsFeatures, otsu_mask
+from ._search import CVMedianPruner, TransferSearchCV, transfer_search_space
+from ._survival import (
+    CoxPHSurvival,
+    SelectKBestSurvival,
+    concordance_index,
+    cox_score_test,
+    kaplan_meier,
+    make_concordance_scorer,
+    make_survival_target,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CT_WINDOWS",
     "DEFAULT_BACKBONE",
+    "RADIOMICS_FEATURE_CLASSES",
+    "AdaBN",
     "BackboneWeightsError",
+    "BiasCorrectedTemperatureScaling",
+    "CVMedianPruner",
+    "ComBatHarmonizer",
+    "ComBatWarning",
+    "CoxPHSurvival",
+    "FineTuneClassifier",
+    "HarmonizationWarning",
+    "HistogramMatcher",
+    "IntensityStandardizer",
+    "IntensityWindow",
+    "LabelShiftAdapter",
+    "LabelShiftWarning",
+    "MMDResult",
+    "PretrainedCNNFeatures",
+    "RadiomicsFeatures",
+    "SelectKBestSurvival",
+    "ShiftDiagnosis",
+    "SpacingResampler",
+    "StrategyAdvice",
+    "TemperatureScaling",
     "TransferLayer",
+    "TransferSearchCV",
+    "VectorScaling",
     "__version__",
+    "adjust_posteriors",
     "backbone_data_config",
+    "bbse_prior_estimate",
+    "bn_layers",
+    "datasets",
+    "clear_feature_cache",
+    "concordance_index",
+    "cox_score_test",
     "describe_layers",
+    "diagnose_shift",
+    "em_prior_estimate",
+    "feature_cache_info",
     "get_transfer_layers",
+    "kaplan_meier",
     "load_backbone",
+    "make_concordance_scorer",
     "make_image_frame",
+    "make_survival_target",
+    "mmd_test",
+    "otsu_mask",
+    "prior_shift_class_weight",
+    "prior_shift_sample_weight",
+    "proxy_a_distance",
     "read_image_frame",
+    "reestimate_bn_stats",
+    "suggest_strategy",
+    "transfer_search_space",
 ]

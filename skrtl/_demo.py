@@ -1,0 +1,675 @@
+"""``skrtl demo``: a whole multi-site study, offline, on the lesion phantom or a MedMNIST file.
+
+Steps: load data (phantom sites A + B = source, site C = target with another scanner and a
+lower prevalence; or a MedMNIST file with a simulated second site), deep features of the
+embedded backbone, shift diagnostics, harmonization (none / histogram matching / ComBat /
+AdaBN), linear probe vs fine-tuning, label-shift adaptation, Cox model on deep features.
+Writes ``report.md`` and PNG plots into ``output_dir`` and returns the results table.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["run_demo"]
+
+_SOURCE_SITES = ("A", "B")
+_TARGET_SITE = "C"
+_LABEL_SITE = "D"
+
+
+class _Study:
+    """Collects results rows, notes and figures; prints progress."""
+
+    def __init__(self, output_dir: Path, verbose: int):
+        self.output_dir = output_dir
+        self.verbose = verbose
+        self.rows: list[dict] = []
+        self.notes: list[str] = []
+        self.sections: list[str] = []
+        self.figures: list[tuple[str, str]] = []
+        self.start = time.perf_counter()
+
+    def log(self, msg: str) -> None:
+        if self.verbose:
+            print(f"[skrtl demo {time.perf_counter() - self.start:6.1f}s] {msg}", flush=True)
+
+    def note(self, msg: str) -> None:
+        self.notes.append(msg)
+        self.log(f"note: {msg}")
+
+    def add(self, step, method, metric, source=np.nan, target=np.nan, seconds=np.nan, note=""):
+        self.rows.append(
+            {
+                "step": step,
+                "method": method,
+                "metric": metric,
+                "source": source,
+                "target": target,
+                "seconds": seconds,
+                "note": note,
+            }
+        )
+
+    def savefig(self, fig, name: str, caption: str) -> None:
+        import matplotlib.pyplot as plt
+
+        fig.savefig(self.output_dir / name, dpi=90, bbox_inches="tight")
+        plt.close(fig)
+        self.figures.append((name, caption))
+
+    def run(self, title: str, func, *args, **kwargs):
+        """Run a step; on error record it and go on (the demo always finishes)."""
+        self.log(title)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                return func(*args, **kwargs)
+            except Exception as exc:  # a demo step must never abort the report
+                self.note(f"step '{title}' failed: {type(exc).__name__}: {exc}")
+                if self.verbose > 1:
+                    traceback.print_exc()
+                return None
+            finally:
+                seen = set()
+                for w in caught:
+                    msg = f"{w.category.__name__}: {str(w.message).splitlines()[0][:160]}"
+                    if msg not in seen and not issubclass(w.category, DeprecationWarning):
+                        seen.add(msg)
+                        self.note(f"warning in '{title}': {msg}")
+                self.log(f"{title}: done in {time.perf_counter() - t0:.1f}s")
+
+
+def _optional(module: str, name: str, study: _Study, purpose: str):
+    try:
+        return getattr(importlib.import_module(f"skrtl.{module}"), name)
+    except (ImportError, AttributeError) as exc:
+        study.note(f"skrtl.{module}.{name} is not available ({exc}); skipped: {purpose}.")
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+def _phantom_data(n_samples, quick, random_state):
+    from .datasets import default_site_params, make_lesion_phantom
+
+    n = min(n_samples, 200) if quick else n_samples
+    params = default_site_params(3)
+    params.append(dict(params[0]))  # site D: scanner of site A, screening prevalence
+    data = make_lesion_phantom(
+        n,
+        image_size=48 if quick else 64,
+        n_sites=4,
+        site_params=params,
+        prevalence=[0.5, 0.5, 0.5, 0.15],
+        random_state=random_state,
+    )
+    sites = data.sites
+    rng = np.random.default_rng(random_state)
+    src = np.flatnonzero(np.isin(sites, _SOURCE_SITES))
+    # stratified 70 / 30 split of the source sites into train and held-out test
+    test_mask = np.zeros(len(sites), dtype=bool)
+    for c in (0, 1):
+        rows = rng.permutation(src[data.target[src] == c])
+        test_mask[rows[: int(round(0.3 * len(rows)))]] = True
+    train = np.setdiff1d(src, np.flatnonzero(test_mask))
+    return {
+        "name": "lesion phantom",
+        "frame": data.frame,
+        "y": data.target,
+        "survival": data.survival,
+        "risk": data.risk,
+        "train": train,
+        "test": np.flatnonzero(test_mask),
+        "target": np.flatnonzero(sites == _TARGET_SITE),
+        "label_target": np.flatnonzero(sites == _LABEL_SITE),
+        # site D is compared with the training images of site A (same scanner)
+        "label_source": np.intersect1d(train, np.flatnonzero(sites == "A")),
+        "label_source_name": "site A",
+        "target_name": f"site {_TARGET_SITE} (other scanner)",
+        "label_target_name": f"site {_LABEL_SITE} (scanner of A, prevalence 0.15)",
+        "description": (
+            data.description + " Source: sites A and B (70 % train, 30 % held out); "
+            "covariate-shift target: site C (another scanner); label-shift target: site D "
+            "(scanner of site A, prevalence 0.15 instead of 0.5)."
+        ),
+        "site_params": data.site_params,
+    }
+
+
+def _medmnist_data(path, n_samples, quick, random_state):
+    from scipy import ndimage
+
+    from ._imaging import make_image_frame
+    from .datasets import load_medmnist
+
+    rng = np.random.default_rng(random_state)
+    Xtr, ytr = load_medmnist(path, split="train")
+    Xte, yte = load_medmnist(path, split="test")
+    if ytr.ndim != 1 or len(np.unique(ytr)) != 2:
+        raise ValueError(
+            f"skrtl demo needs a binary single-label MedMNIST file, {Path(path).name} has "
+            f"labels of shape {ytr.shape!r} with classes {np.unique(ytr).tolist()!r}."
+        )
+    if Xtr.ndim != 3:
+        raise ValueError(
+            f"skrtl demo runs on 2-D grayscale MedMNIST files; {Path(path).name} has images of "
+            f"shape {Xtr.shape[1:]!r}."
+        )
+    n = min(n_samples, 120) if quick else n_samples
+    tr = rng.permutation(len(Xtr))[:n]
+    te = rng.permutation(len(Xte))
+    third = len(te) // 3
+    if quick:
+        third = min(third, n // 2)
+    te_a, te_b, te_c = te[:third], te[third : 2 * third], te[2 * third : 3 * third]
+    # simulated second site: blur + noise + intensity change
+    shifted = []
+    for i in te_b:
+        img = ndimage.gaussian_filter(Xte[i].astype(np.float32), 1.0)
+        img = 0.8 * img + 20.0 + rng.normal(0, 12.0, img.shape)
+        shifted.append(np.clip(img, 0, 255).astype(np.float32))
+    # simulated screening site: same images, minority class kept with probability 0.3
+    minority = int(np.bincount(ytr).argmin())
+    keep = np.array([i for i in te_c if yte[i] != minority or rng.random() < 0.3], dtype=int)
+    images = [Xtr[i].astype(np.float32) for i in tr]
+    images += [Xte[i].astype(np.float32) for i in te_a] + shifted
+    images += [Xte[i].astype(np.float32) for i in keep]
+    y = np.r_[ytr[tr], yte[te_a], yte[te_b], yte[keep]].astype(int)
+    sites = np.array(
+        ["train"] * len(tr) + ["test"] * len(te_a) + ["shifted"] * len(te_b)
+        + ["screening"] * len(keep)
+    )  # fmt: skip
+    frame = make_image_frame(images, sites=sites)
+    return {
+        "name": Path(path).name,
+        "frame": frame,
+        "y": y,
+        "survival": None,
+        "risk": None,
+        "train": np.flatnonzero(sites == "train"),
+        "test": np.flatnonzero(sites == "test"),
+        "target": np.flatnonzero(sites == "shifted"),
+        "label_target": np.flatnonzero(sites == "screening"),
+        "target_name": "simulated scanner (blur, noise, intensity)",
+        "label_target_name": f"simulated screening site (class {minority} kept at 30 %)",
+        "description": (
+            f"{Path(path).name}: {len(tr)} training images (source), {len(te_a)} test images "
+            f"(held-out source), {len(te_b)} test images with simulated blur, noise and "
+            f"intensity change (covariate-shift target), {len(keep)} test images with class "
+            f"{minority} under-sampled (label-shift target)."
+        ),
+        "site_params": None,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _auc(y, score) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y)
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    return float(roc_auc_score(y, score))
+
+
+def _probe():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=3000))
+
+
+def _pca_probe(n_train: int):
+    """Low-dimensional probe: better calibrated posteriors, which EM prior estimation needs."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    n_comp = int(max(2, min(10, n_train // 10)))
+    return make_pipeline(
+        StandardScaler(), PCA(n_components=n_comp, random_state=0), LogisticRegression()
+    )
+
+
+def _fallback_features(frame, image_size):
+    """Pooled features of the embedded backbone (used only if PretrainedCNNFeatures is absent)."""
+    import torch
+
+    from ._backbone import backbone_data_config, load_backbone
+    from ._imaging import read_image_frame, scale_intensity, to_network_tensor
+
+    model = load_backbone()
+    cfg = backbone_data_config(model)
+    inp = read_image_frame(frame)
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(inp), 32):
+            imgs = [scale_intensity(im, method="percentile") for im in inp.images[s : s + 32]]
+            x, _ = to_network_tensor(
+                imgs, size=image_size, in_chans=3, mean=cfg["mean"], std=cfg["std"]
+            )
+            out.append(model(x).numpy())
+    return np.vstack(out)
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    def fmt(v):
+        if isinstance(v, float | np.floating):
+            return "" if np.isnan(v) else f"{v:.3f}"
+        return str(v).replace("|", "\\|")
+
+    head = "| " + " | ".join(df.columns) + " |"
+    sep = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, sep, *body])
+
+
+# --------------------------------------------------------------------------------------------
+# steps
+# --------------------------------------------------------------------------------------------
+def _plot_examples(study, d):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    frame, y = d["frame"], d["y"]
+    sites = list(dict.fromkeys(frame["site"].tolist()))
+    ncol = 6
+    fig, axes = plt.subplots(len(sites), ncol, figsize=(1.6 * ncol, 1.7 * len(sites)))
+    axes = np.atleast_2d(axes)
+    for r, site in enumerate(sites):
+        rows = np.flatnonzero(frame["site"].to_numpy() == site)[:ncol]
+        for c in range(ncol):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(rows):
+                img = np.asarray(frame["image"].iloc[rows[c]])
+                ax.imshow(img if img.ndim == 2 else img[img.shape[0] // 2], cmap="gray")
+                if "mask" in frame.columns:
+                    ax.contour(np.asarray(frame["mask"].iloc[rows[c]]), [0.5], colors="r",
+                               linewidths=0.5)  # fmt: skip
+                ax.set_title(f"site {site}, y={y[rows[c]]}", fontsize=7)
+    fig.tight_layout()
+    study.savefig(fig, "examples.png", "Example images per site (red: lesion mask).")
+
+
+def _features(study, d, image_size, random_state):
+    """Deep features of all images: returns (F, extractor class or None)."""
+    cls = _optional(
+        "_features", "PretrainedCNNFeatures", study, "AdaBN step; using a plain backbone pass"
+    )
+    frame = d["frame"]
+    t0 = time.perf_counter()
+    F = None
+    if cls is not None:
+        try:
+            ext = cls(input_size=image_size, batch_size=32, verbose=0)
+            ext.fit(frame.iloc[d["train"]])
+            F = np.asarray(ext.transform(frame), dtype=np.float64)
+        except Exception as exc:  # keep the demo going with a plain backbone pass
+            study.note(
+                f"PretrainedCNNFeatures failed ({type(exc).__name__}: {exc}); using a plain "
+                "backbone pass and skipping AdaBN."
+            )
+            cls = None
+    if F is None:
+        F = _fallback_features(frame, image_size)
+    study.log(f"features {F.shape} in {time.perf_counter() - t0:.1f}s")
+    return F, cls
+
+
+def _diagnostics(study, d, F, quick, random_state):
+    from ._diagnostics import diagnose_shift
+
+    y = d["y"]
+    out = {}
+    for key, name, labelled in (
+        ("target", d["target_name"], True),
+        ("label_target", d["label_target_name"], False),
+    ):
+        t0 = time.perf_counter()
+        rows = d[key]
+        tr, src_name = d["train"], "source"
+        if key == "label_target" and "label_source" in d:
+            tr, src_name = d["label_source"], d["label_source_name"]
+        diag = diagnose_shift(
+            F[tr],
+            y[tr],
+            F[rows],
+            y[rows] if labelled else None,
+            estimator=_pca_probe(len(tr)),
+            n_permutations=100 if quick else 300,
+            n_bootstrap=100 if quick else 200,
+            random_state=random_state,
+        )
+        sec = time.perf_counter() - t0
+        step = f"diagnostics: {src_name} vs {name}"
+        study.add(step, "MMD two-sample test", "p-value", target=diag.mmd.p_value, seconds=sec)
+        study.add(step, "proxy A-distance", "PAD", target=diag.proxy_a_distance)
+        study.add(step, f"prior test ({diag.target_priors_method})", "p-value",
+                  target=diag.prior_p_value)  # fmt: skip
+        study.add(step, "class-conditional MMD", "p-value", target=diag.conditional_p_value)
+        fname = f"diagnostics_{key}.png"
+        study.savefig(diag.plot(), fname, f"Shift diagnostics: {src_name} vs {name}.")
+        study.sections.append(
+            f"## Shift diagnostics: {src_name} vs {name}"
+            + (" (target labels used)" if labelled else " (target labels not used)")
+            + "\n\n"
+            + _md_table(diag.summary())
+            + "\n\n"
+            + diag.advice().replace("\n", "\n\n")
+        )
+        out[key] = diag
+    return out
+
+
+def _probe_auc(F, y, train, test, target):
+    probe = _probe().fit(F[train], y[train])
+    return (
+        _auc(y[test], probe.predict_proba(F[test])[:, 1]),
+        _auc(y[target], probe.predict_proba(F[target])[:, 1]),
+    )
+
+
+def _harmonization(study, d, F, feat_cls, image_size, random_state):
+    y, tr, te, tg = d["y"], d["train"], d["test"], d["target"]
+    frame = d["frame"]
+    t0 = time.perf_counter()
+    src, tgt = _probe_auc(F, y, tr, te, tg)
+    study.add("harmonization", "none (linear probe)", "ROC AUC", src, tgt,
+              time.perf_counter() - t0)  # fmt: skip
+
+    def histogram():
+        from ._harmonize import HistogramMatcher
+
+        t0 = time.perf_counter()
+        hm = HistogramMatcher(level="image").fit(frame.iloc[tr])
+        matched = hm.transform(frame)
+        if feat_cls is None:
+            Fh = _fallback_features(matched, image_size)
+        else:
+            ext = feat_cls(input_size=image_size, batch_size=32, verbose=0)
+            Fh = np.asarray(ext.fit(matched.iloc[tr]).transform(matched), dtype=np.float64)
+        s, t = _probe_auc(Fh, y, tr, te, tg)
+        study.add("harmonization", "HistogramMatcher (images)", "ROC AUC", s, t,
+                  time.perf_counter() - t0)  # fmt: skip
+
+    def combat():
+        from ._combat import ComBatHarmonizer
+
+        t0 = time.perf_counter()
+        cols = [f"f{i}" for i in range(F.shape[1])]
+        df = pd.DataFrame(F, columns=cols)
+        df["site"] = frame["site"].to_numpy()
+        # fit on the unlabelled images of every site (no labels are used)
+        cb = ComBatHarmonizer().fit(df)
+        Fc = np.asarray(cb.transform(df), dtype=np.float64)
+        s, t = _probe_auc(Fc, y, tr, te, tg)
+        study.add("harmonization", "ComBatHarmonizer (features)", "ROC AUC", s, t,
+                  time.perf_counter() - t0,
+                  "site effect estimated without covariates")  # fmt: skip
+
+    def adabn():
+        from ._adabn import AdaBN
+
+        t0 = time.perf_counter()
+        ada = AdaBN(feat_cls(input_size=image_size, batch_size=32, verbose=0), unseen="source")
+        ada.fit(frame.iloc[tr])
+        ada.adapt(frame.iloc[np.r_[te, tg]])
+        Fa = np.asarray(ada.transform(frame), dtype=np.float64)
+        s, t = _probe_auc(Fa, y, tr, te, tg)
+        study.add("harmonization", "AdaBN (per-site BatchNorm)", "ROC AUC", s, t,
+                  time.perf_counter() - t0)  # fmt: skip
+
+    study.run("harmonization: histogram matching", histogram)
+    study.run("harmonization: ComBat", combat)
+    if feat_cls is not None:
+        study.run("harmonization: AdaBN", adabn)
+    else:
+        study.note("AdaBN needs PretrainedCNNFeatures; skipped.")
+
+
+def _finetune(study, d, image_size, quick, random_state):
+    cls = _optional("_finetune", "FineTuneClassifier", study, "fine-tuning step")
+    if cls is None:
+        return
+    y, tr, te, tg = d["y"], d["train"], d["test"], d["target"]
+    frame = d["frame"]
+    t0 = time.perf_counter()
+    clf = cls(
+        strategy="finetune",
+        max_epochs=3 if quick else 6,
+        batch_size=32,
+        input_size=image_size,
+        random_state=random_state,
+        verbose=0,
+    )
+    clf.fit(frame.iloc[tr], y[tr])
+    pos = list(clf.classes_).index(1)
+    s = _auc(y[te], clf.predict_proba(frame.iloc[te])[:, pos])
+    t = _auc(y[tg], clf.predict_proba(frame.iloc[tg])[:, pos])
+    study.add("transfer", "fine-tune (FineTuneClassifier)", "ROC AUC", s, t,
+              time.perf_counter() - t0, f"{clf.max_epochs} epochs")  # fmt: skip
+    hist = getattr(clf, "history_", None)
+    if hist:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        h = pd.DataFrame(list(hist))
+        fig, ax = plt.subplots(figsize=(4.5, 3))
+        for col in ("train_loss", "valid_loss"):
+            if col in h:
+                ax.plot(h["epoch"] if "epoch" in h else np.arange(len(h)), h[col], label=col)
+        ax.set_xlabel("epoch")
+        ax.legend()
+        study.savefig(fig, "finetune_history.png", "Fine-tuning loss per epoch.")
+
+
+def _linear_probe_row(study, d, F):
+    y, tr, te, tg = d["y"], d["train"], d["test"], d["target"]
+    t0 = time.perf_counter()
+    s, t = _probe_auc(F, y, tr, te, tg)
+    study.add("transfer", "linear probe (features + LogisticRegression)", "ROC AUC", s, t,
+              time.perf_counter() - t0)  # fmt: skip
+
+
+def _label_shift(study, d, F, random_state):
+    from sklearn.metrics import accuracy_score, brier_score_loss, log_loss
+
+    from ._label_shift import LabelShiftAdapter
+
+    y, tr, tg = d["y"], d["train"], d["label_target"]
+    t0 = time.perf_counter()
+    ada = LabelShiftAdapter(_pca_probe(len(tr)), random_state=random_state).fit(F[tr], y[tr])
+    before = ada.predict_proba(F[tg])
+    ada.adapt(F[tg])
+    after = ada.predict_proba(F[tg])
+    sec = time.perf_counter() - t0
+    pos = list(ada.classes_).index(1)
+    true_prev = float(np.mean(y[tg] == 1))
+    study.add("label shift", "target prevalence", "P(y=1)", float(np.mean(y[tr] == 1)),
+              true_prev, np.nan, "source / true target")  # fmt: skip
+    study.add("label shift", "EM estimate (LabelShiftAdapter, PCA probe)", "P(y=1)",
+              float(ada.source_priors_[pos]), float(ada.target_priors_[pos]), sec)  # fmt: skip
+    for name, p in (("calibrated source model", before), ("adapted to target priors", after)):
+        study.add(
+            "label shift", name, "log loss", np.nan, float(log_loss(y[tg], p, labels=[0, 1]))
+        )
+        study.add("label shift", name, "Brier", np.nan, float(brier_score_loss(y[tg], p[:, pos])))
+        study.add("label shift", name, "accuracy", np.nan,
+                  float(accuracy_score(y[tg], ada.classes_[p.argmax(1)])))  # fmt: skip
+
+
+def _survival(study, d, F, random_state):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from ._survival import CoxPHSurvival, concordance_index, kaplan_meier
+
+    surv, risk = d["survival"], d["risk"]
+    tr, te, tg = d["train"], d["test"], d["target"]
+    t0 = time.perf_counter()
+    n_comp = int(min(10, len(tr) // 10, F.shape[1]))
+    cox = make_pipeline(
+        StandardScaler(), PCA(n_components=max(2, n_comp), random_state=random_state),
+        CoxPHSurvival(penalizer=0.1),
+    )  # fmt: skip
+    cox.fit(F[tr], surv[tr])
+    sec = time.perf_counter() - t0
+    c_src, c_tgt = float(cox.score(F[te], surv[te])), float(cox.score(F[tg], surv[tg]))
+    study.add("survival", "Cox (PCA of deep features)", "C-index", c_src, c_tgt, sec)
+    study.add("survival", "oracle: latent risk", "C-index",
+              float(concordance_index(surv[te], risk[te])),
+              float(concordance_index(surv[tg], risk[tg])))  # fmt: skip
+    pred = cox.predict(F[te])
+    high = pred > np.median(pred)
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    for mask, label in ((~high, "predicted low risk"), (high, "predicted high risk")):
+        t, s = kaplan_meier(surv["time"][te][mask], surv["event"][te][mask])
+        ax.step(np.r_[0, t], np.r_[1, s], where="post", label=label)
+    ax.set_xlabel("months")
+    ax.set_ylabel("survival")
+    ax.set_title("held-out source images: Kaplan-Meier by Cox risk group", fontsize=9)
+    ax.legend(fontsize=8)
+    study.savefig(
+        fig, "survival_km.png", "Kaplan-Meier curves of the target site by predicted risk."
+    )
+
+
+def _write_report(study, d, params) -> Path:
+    table = pd.DataFrame(study.rows)
+    lines = [
+        "# skrtl demo report",
+        "",
+        f"Data: {d['description']}",
+        "",
+        f"Settings: {params}. Models are trained on the training images of the source "
+        f"site(s). Column 'source' = held-out source images; column 'target' = "
+        f"{d['target_name']}, except for the label-shift rows: {d['label_target_name']}.",
+        "",
+        "## Results",
+        "",
+        _md_table(table) if len(table) else "(no results)",
+        "",
+    ]
+    for sec in study.sections:
+        lines += [sec, ""]
+    if d.get("site_params"):
+        sp = pd.DataFrame(d["site_params"]).T.reset_index(names="site")
+        lines += ["## Simulated scanners", "", _md_table(sp), ""]
+    if study.figures:
+        lines += ["## Figures", ""]
+        for name, caption in study.figures:
+            lines += [f"![{caption}]({name})", "", caption, ""]
+    if study.notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in study.notes] + [""]
+    lines += [f"Total run time: {time.perf_counter() - study.start:.0f} s.", ""]
+    path = study.output_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+def run_demo(
+    data=None,
+    output_dir="skrtl_demo_report",
+    n_samples: int = 360,
+    image_size: int = 96,
+    quick: bool = False,
+    random_state: int | None = 0,
+    verbose: int = 1,
+) -> dict:
+    """Run a complete multi-site transfer-learning study offline and write a report.
+
+    Parameters
+    ----------
+    data : str or path-like, optional
+        A binary 2-D MedMNIST ``.npz`` file (e.g. ``breastmnist.npz``); default: the lesion
+        phantom (:func:`skrtl.datasets.make_lesion_phantom`) with sites A, B (source), C
+        (covariate-shift target: another scanner) and D (label-shift target: scanner of site
+        A, prevalence 0.15 instead of 0.5).
+    output_dir : str or path-like, default="skrtl_demo_report"
+        Folder for ``report.md`` and the PNG plots (created if needed).
+    n_samples : int, default=360
+        Phantom patients (MedMNIST: training images used).
+    image_size : int, default=96
+        Network input size in pixels.
+    quick : bool, default=False
+        Tiny run (at most 200 samples, 48 px phantom, input size <= 64, 3 fine-tuning
+        epochs).
+    random_state : int or None, default=0
+    verbose : int, default=1
+        0: silent; 1: progress and the results table; 2: also tracebacks of failed steps.
+
+    Returns
+    -------
+    dict
+        ``results`` (DataFrame), ``report`` (path of report.md), ``diagnosis`` (dict
+        ``"target"`` / ``"label_target"`` -> :class:`~skrtl._diagnostics.ShiftDiagnosis`, or
+        None), ``notes`` (list of str).
+    """
+    if not (isinstance(n_samples, int | np.integer) and n_samples >= 30):
+        raise ValueError(f"n_samples must be an integer >= 30, got {n_samples!r}.")
+    if not (isinstance(image_size, int | np.integer) and image_size >= 32):
+        raise ValueError(f"image_size must be an integer >= 32 pixels, got {image_size!r}.")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    study = _Study(out, verbose)
+    if quick:
+        image_size = min(int(image_size), 64)
+    if data is None:
+        d = _phantom_data(int(n_samples), quick, random_state)
+    else:
+        d = _medmnist_data(data, int(n_samples), quick, random_state)
+    study.log(
+        f"{d['name']}: {len(d['train'])} train, {len(d['test'])} held-out source, "
+        f"{len(d['target'])} target samples"
+    )
+    study.run("example images", _plot_examples, study, d)
+    res = study.run("deep features (embedded tf_efficientnet_lite0)", _features, study, d,
+                    image_size, random_state)  # fmt: skip
+    diag = None
+    if res is not None:
+        F, feat_cls = res
+        diag = study.run("shift diagnostics", _diagnostics, study, d, F, quick, random_state)
+        study.run("linear probe", _linear_probe_row, study, d, F)
+        study.run("fine-tuning", _finetune, study, d, image_size, quick, random_state)
+        _harmonization(study, d, F, feat_cls, image_size, random_state)
+        study.run("label-shift adaptation", _label_shift, study, d, F, random_state)
+        if d["survival"] is not None:
+            study.run("Cox model on deep features", _survival, study, d, F, random_state)
+    params = {
+        "n_samples": len(d["y"]),
+        "image_size": image_size,
+        "quick": quick,
+        "random_state": random_state,
+    }
+    report = _write_report(study, d, params)
+    results = pd.DataFrame(study.rows)
+    if verbose:
+        with pd.option_context("display.width", 140, "display.max_colwidth", 48):
+            print(results.drop(columns=["note"]).to_string(index=False, float_format="%.3f"))
+        print(f"\nreport: {report}")
+    return {"results": results, "report": report, "diagnosis": diag, "notes": study.notes}

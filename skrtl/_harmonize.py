@@ -1,0 +1,660 @@
+"""Input-level harmonization of medical images across sites (before any network sees them).
+
+Multi-centre images differ in pixel / voxel spacing, reconstruction kernel and intensity
+scale. These transformers reduce that covariate shift on the *images*, so that they can be
+placed in a :class:`~sklearn.pipeline.Pipeline` in front of a CNN feature transformer or a
+fine-tuning classifier:
+
+* :class:`SpacingResampler` resamples every image (linear) and mask (nearest) to a common
+  spacing (given, or the training median learnt in ``fit``);
+* :class:`HistogramMatcher` maps each image's (or each site's) intensity quantiles onto a
+  reference distribution learnt in ``fit`` (monotone piecewise-linear quantile mapping, inside
+  masks when present);
+* :class:`IntensityWindow` clips CT Hounsfield units to one or several window / level
+  settings (several windows become channels);
+* :class:`IntensityStandardizer` applies a per-image z-score / percentile / min-max
+  standardisation (or a single CT window).
+
+Input and output are the same container: an image array stays an array (when all output images
+share one shape), an image frame (:func:`skrtl.make_image_frame`) stays a frame with its masks,
+site and other columns kept (and the spacing column updated by the resampler).
+"""
+
+from __future__ import annotations
+
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._set_output import _get_output_config
+from sklearn.utils.validation import check_is_fitted
+
+from ._imaging import ImageInput, make_image_frame, read_image_frame
+
+__all__ = [
+    "CT_WINDOWS",
+    "HarmonizationWarning",
+    "HistogramMatcher",
+    "IntensityStandardizer",
+    "IntensityWindow",
+    "SpacingResampler",
+]
+
+
+class HarmonizationWarning(UserWarning):
+    """A harmonizer used a documented fallback (e.g. statistics of an unseen site's batch)."""
+
+
+# --------------------------------------------------------------------------------------------
+# container helpers
+# --------------------------------------------------------------------------------------------
+def _guess_mode(X) -> str:
+    """'3d' for frames whose masks or spacing say the 3-D images are volumes, else '2d'."""
+    if isinstance(X, pd.DataFrame) and "image" in X.columns and len(X):
+        img = np.asarray(X["image"].iloc[0])
+        if img.ndim == 3:
+            if "mask" in X.columns and X["mask"].iloc[0] is not None:
+                if np.asarray(X["mask"].iloc[0]).ndim == 3:
+                    return "3d"
+            if "spacing" in X.columns and len(tuple(X["spacing"].iloc[0])) == 3:
+                return "3d"
+    return "2d"
+
+
+def _read(X, name: str) -> ImageInput:
+    return read_image_frame(X, mode=_guess_mode(X), estimator_name=name)
+
+
+def _rebuild(X, images, *, masks=None, spacing=None, name="transformer", frame_out=False):
+    """Return the harmonized images in the container of ``X`` (a frame if ``frame_out``)."""
+    if not isinstance(X, pd.DataFrame) and frame_out:
+        X = make_image_frame(images)
+    if isinstance(X, pd.DataFrame):
+        out = X.copy()
+        col = np.empty(len(images), dtype=object)
+        for i, im in enumerate(images):
+            col[i] = im
+        out["image"] = col
+        if masks is not None:
+            mcol = np.empty(len(masks), dtype=object)
+            for i, m in enumerate(masks):
+                mcol[i] = m
+            out["mask"] = mcol
+        if spacing is not None:
+            scol = np.empty(len(spacing), dtype=object)
+            for i, s in enumerate(spacing):
+                scol[i] = tuple(float(v) for v in s)
+            out["spacing"] = scol
+        return out
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"{name} produced images of different shapes {sorted(shapes)[:3]!r} from an array "
+            "input; pass an image frame (skrtl.make_image_frame) to get one back."
+        )
+    return np.stack(images).astype(np.float32, copy=False)
+
+
+class _ImageTransformerMixin(TransformerMixin):
+    """Shared sklearn plumbing for image-to-image transformers."""
+
+    def get_feature_names_out(self, input_features=None):
+        """Image transformers output the input columns (an image frame) unchanged in name."""
+        check_is_fitted(self, "n_features_in_")
+        names = getattr(self, "feature_names_in_", None)
+        if names is None:
+            return np.asarray(["image"], dtype=object)
+        return np.asarray(names, dtype=object)
+
+    def _frame_out(self) -> bool:
+        """``set_output(transform="pandas")``: array input comes back as an image frame."""
+        return _get_output_config("transform", self)["dense"] == "pandas"
+
+    def _record_input(self, X):
+        if isinstance(X, pd.DataFrame):
+            self.feature_names_in_ = np.asarray([str(c) for c in X.columns], dtype=object)
+            self.n_features_in_ = len(X.columns)
+        else:
+            if hasattr(self, "feature_names_in_"):
+                del self.feature_names_in_
+            self.n_features_in_ = 1
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        tags.transformer_tags.preserves_dtype = []
+        tags.requires_fit = True
+        return tags
+
+
+# --------------------------------------------------------------------------------------------
+# spacing
+# --------------------------------------------------------------------------------------------
+def _resample(img, factors, order, anti_aliasing):
+    """Zoom the leading ``len(factors)`` axes of ``img`` by ``factors`` (> 1 = more pixels)."""
+    nsp = len(factors)
+    extra = img.ndim - nsp
+    out_shape = tuple(max(1, int(round(s * f))) for s, f in zip(img.shape[:nsp], factors))
+    out_shape += img.shape[nsp:]
+    src = img
+    if anti_aliasing and order > 0 and any(f < 1 for f in factors):
+        sigma = [max(0.0, (1.0 / f - 1.0) / 2.0) for f in factors] + [0.0] * extra
+        src = ndimage.gaussian_filter(src, sigma=sigma, mode="nearest")
+    if out_shape == img.shape:
+        return src.astype(np.float32, copy=False)
+    zoom = [o / s for o, s in zip(out_shape, img.shape)]
+    zoom = [z if i < nsp else 1.0 for i, z in enumerate(zoom)]
+    return ndimage.zoom(src, zoom, order=order, mode="nearest", grid_mode=True).astype(
+        np.float32, copy=False
+    )
+
+
+class SpacingResampler(_ImageTransformerMixin, BaseEstimator):
+    """Resample images and masks to a common pixel / voxel spacing.
+
+    Needs an image frame with a ``spacing`` column (mm per pixel / voxel along each spatial
+    axis, e.g. ``(1.0, 0.7, 0.7)`` for ``(D, H, W)``). Images are interpolated (``order``,
+    linear by default, with Gaussian anti-aliasing when downsampling), masks with nearest
+    neighbour (a lesion that would vanish keeps its most covered pixel). The spacing column is
+    updated; images of different sizes stay in an image frame.
+
+    Parameters
+    ----------
+    target_spacing : "median", float or tuple of float, default="median"
+        Output spacing. ``"median"``: the per-axis median spacing of the training images,
+        learnt in ``fit``. A float is used for every spatial axis.
+    order : int, default=1
+        Spline order for images (0 nearest, 1 linear, 3 cubic).
+    anti_aliasing : bool, default=True
+        Gaussian pre-filter when downsampling.
+
+    Attributes
+    ----------
+    target_spacing_ : ndarray of shape (ndim,)
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skrtl import make_image_frame
+    >>> X = make_image_frame([np.ones((20, 20)), np.ones((10, 10))], spacing=[(0.5, 0.5), (1, 1)])
+    >>> Xr = SpacingResampler(target_spacing=1.0).fit_transform(X)
+    >>> [im.shape for im in Xr["image"]]
+    [(10, 10), (10, 10)]
+    """
+
+    _parameter_constraints: dict = {
+        "target_spacing": [
+            StrOptions({"median"}),
+            Interval(Real, 0, None, closed="neither"),
+            tuple,
+            list,
+            np.ndarray,
+        ],
+        "order": [Interval(Integral, 0, 5, closed="both")],
+        "anti_aliasing": ["boolean"],
+    }
+
+    def __init__(self, *, target_spacing="median", order=1, anti_aliasing=True):
+        self.target_spacing = target_spacing
+        self.order = order
+        self.anti_aliasing = anti_aliasing
+
+    def _input(self, X):
+        if not isinstance(X, pd.DataFrame) or "spacing" not in X.columns:
+            raise ValueError(
+                "SpacingResampler needs an image frame with a 'spacing' column: build X with "
+                "skrtl.make_image_frame(images, spacing=[(dz, dy, dx), ...], masks=...)."
+            )
+        inp = _read(X, "SpacingResampler")
+        sp = inp.spacing
+        if not np.all(np.isfinite(sp)) or np.any(sp <= 0):
+            raise ValueError(f"spacing must be finite and > 0, got rows like {sp[0]!r}.")
+        for i, img in enumerate(inp.images):
+            if sp.shape[1] > img.ndim:
+                raise ValueError(
+                    f"image {i} has shape {img.shape!r} but spacing has {sp.shape[1]} axes."
+                )
+        return inp
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Learn the target spacing (median of the training spacings, or the given one)."""
+        inp = self._input(X)
+        self._record_input(X)
+        nd = inp.spacing.shape[1]
+        if isinstance(self.target_spacing, str):
+            target = np.median(inp.spacing, axis=0)
+        else:
+            target = np.atleast_1d(np.asarray(self.target_spacing, dtype=float))
+            if target.size == 1:
+                target = np.full(nd, float(target[0]))
+            if target.shape != (nd,) or np.any(target <= 0) or not np.all(np.isfinite(target)):
+                raise ValueError(
+                    f"target_spacing={self.target_spacing!r} must be 'median', a positive float "
+                    f"or {nd} positive floats (one per spatial axis of the spacing column)."
+                )
+        self.target_spacing_ = target
+        return self
+
+    def transform(self, X):
+        """Resample every image and mask to ``target_spacing_``; returns an image frame."""
+        check_is_fitted(self, "target_spacing_")
+        inp = self._input(X)
+        if inp.spacing.shape[1] != self.target_spacing_.size:
+            raise ValueError(
+                f"spacing has {inp.spacing.shape[1]} axes but {self.target_spacing_.size} in fit."
+            )
+        images, masks, spacing = [], [], []
+        for i, img in enumerate(inp.images):
+            factors = inp.spacing[i] / self.target_spacing_
+            out = _resample(img, factors, self.order, self.anti_aliasing)
+            images.append(out)
+            nsp = factors.size
+            spacing.append(inp.spacing[i] * np.asarray(img.shape[:nsp]) / out.shape[:nsp])
+            if inp.masks is not None:
+                m = inp.masks[i]
+                if m is None:
+                    masks.append(None)
+                    continue
+                mz = [o / s for o, s in zip(out.shape[:nsp], m.shape)]
+                mo = ndimage.zoom(m.astype(np.uint8), mz, order=0, mode="nearest", grid_mode=True)
+                mo = mo > 0
+                if not mo.any():
+                    soft = ndimage.zoom(
+                        m.astype(np.float32), mz, order=1, mode="grid-constant", grid_mode=True
+                    )
+                    mo = np.zeros(mo.shape, bool)
+                    mo[np.unravel_index(np.argmax(soft), soft.shape)] = True
+                masks.append(mo)
+        return _rebuild(
+            X,
+            images,
+            masks=masks if inp.masks is not None else None,
+            spacing=spacing,
+            name="SpacingResampler",
+            frame_out=self._frame_out(),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# histogram matching
+# --------------------------------------------------------------------------------------------
+def _monotone_map(values, src_q, ref_q):
+    """Piecewise-linear map sending quantiles ``src_q`` to ``ref_q`` (ties merged)."""
+    xs, inv = np.unique(src_q, return_inverse=True)
+    ys = np.bincount(inv, weights=ref_q) / np.bincount(inv)
+    if xs.size == 1:
+        return np.full(values.shape, ys[0], dtype=np.float32)
+    out = np.interp(values, xs, ys)
+    # linear extrapolation beyond the end landmarks, slope of the outer ~10 % of landmarks
+    k = max(1, (xs.size - 1) // 10)
+    lo_slope = (ys[k] - ys[0]) / (xs[k] - xs[0])
+    hi_slope = (ys[-1] - ys[-1 - k]) / (xs[-1] - xs[-1 - k])
+    below, above = values < xs[0], values > xs[-1]
+    out[below] = ys[0] + lo_slope * (values[below] - xs[0])
+    out[above] = ys[-1] + hi_slope * (values[above] - xs[-1])
+    return out.astype(np.float32)
+
+
+class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
+    """Match each image's (or each site's) intensity distribution to a reference.
+
+    ``fit`` learns reference quantiles (at ``n_quantiles`` evenly spaced levels, averaged over
+    the training images, or over the images of ``reference_site``), computed inside the masks
+    when ``use_mask`` and masks are present. ``transform`` maps intensities by the monotone
+    piecewise-linear function that sends the source quantiles to the reference quantiles
+    (Nyul-style standardisation). With ``level="image"`` the source quantiles are each image's
+    own (row-wise, no site needed); with ``level="site"`` they are the site's quantiles learnt in
+    ``fit`` (the image frame's ``site`` column), which keeps the differences between images of a
+    site.
+
+    Parameters
+    ----------
+    n_quantiles : int, default=101
+        Number of landmarks (levels ``linspace(lower, upper, n_quantiles)``).
+    quantile_range : (float, float), default=(0.0, 100.0)
+        Lowest and highest percentile landmarks; intensities outside the end landmarks are
+        extrapolated linearly with the slope of the outer tenth of the landmarks.
+    level : {"image", "site"}, default="image"
+    reference_site : object, optional
+        Site whose distribution is the reference (default: all training images).
+    use_mask : bool, default=True
+        Compute quantiles inside masks when the frame has them (the whole image is mapped).
+    unseen : {"error", "batch"}, default="error"
+        ``level="site"`` only: a site not seen in fit raises, or (``"batch"``) takes its
+        quantiles from its images in the transformed batch, with a
+        :class:`HarmonizationWarning`.
+
+    Attributes
+    ----------
+    reference_quantiles_ : ndarray of shape (n_quantiles,)
+    site_quantiles_ : dict
+        ``level="site"``: site -> quantiles.
+    levels_ : ndarray of shape (n_quantiles,)
+    """
+
+    _parameter_constraints: dict = {
+        "n_quantiles": [Interval(Integral, 2, None, closed="left")],
+        "quantile_range": [tuple, list],
+        "level": [StrOptions({"image", "site"})],
+        "reference_site": "no_validation",
+        "use_mask": ["boolean"],
+        "unseen": [StrOptions({"error", "batch"})],
+    }
+
+    def __init__(
+        self,
+        *,
+        n_quantiles=101,
+        quantile_range=(0.0, 100.0),
+        level="image",
+        reference_site=None,
+        use_mask=True,
+        unseen="error",
+    ):
+        self.n_quantiles = n_quantiles
+        self.quantile_range = quantile_range
+        self.level = level
+        self.reference_site = reference_site
+        self.use_mask = use_mask
+        self.unseen = unseen
+
+    def _quantiles(self, inp: ImageInput) -> np.ndarray:
+        out = np.empty((len(inp), self.levels_.size))
+        for i, img in enumerate(inp.images):
+            vals = img
+            if self.use_mask and inp.masks is not None and inp.masks[i] is not None:
+                m = inp.masks[i]
+                vals = img[m]  # (k,) or (k, C) for channel-last 2-D images
+            out[i] = np.percentile(np.asarray(vals, dtype=np.float64).ravel(), self.levels_)
+        return out
+
+    def _sites(self, inp, what):
+        if inp.sites is None:
+            raise ValueError(
+                f"HistogramMatcher({what}) needs site labels: pass an image frame with a 'site' "
+                "column (skrtl.make_image_frame(images, sites=...))."
+            )
+        return np.asarray([str(v) for v in inp.sites], dtype=object)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Learn the reference quantiles (and, for ``level="site"``, each site's)."""
+        lo, hi = (float(v) for v in self.quantile_range)
+        if not (0.0 <= lo < hi <= 100.0):
+            raise ValueError(
+                f"quantile_range={self.quantile_range!r} must be (lower, upper) percentiles with "
+                "0 <= lower < upper <= 100."
+            )
+        inp = _read(X, "HistogramMatcher")
+        self._record_input(X)
+        self.levels_ = np.linspace(lo, hi, self.n_quantiles)
+        q = self._quantiles(inp)
+        if self.reference_site is not None:
+            sites = self._sites(inp, f"reference_site={self.reference_site!r}")
+            rows = sites == str(self.reference_site)
+            rows = np.asarray(rows, dtype=bool)
+            if not rows.any():
+                raise ValueError(
+                    f"reference_site={self.reference_site!r} is not among the training sites "
+                    f"{sorted(set(sites))!r}."
+                )
+            self.reference_quantiles_ = q[rows].mean(axis=0)
+        else:
+            self.reference_quantiles_ = q.mean(axis=0)
+        self.site_quantiles_ = {}
+        if self.level == "site":
+            sites = self._sites(inp, "level='site'")
+            for s in sorted(set(sites)):
+                self.site_quantiles_[s] = q[sites == s].mean(axis=0)
+        return self
+
+    def transform(self, X):
+        """Map intensities onto the reference distribution (same container as ``X``)."""
+        check_is_fitted(self, "reference_quantiles_")
+        inp = _read(X, "HistogramMatcher")
+        ref = self.reference_quantiles_
+        if self.level == "image":
+            src = self._quantiles(inp)
+        else:
+            sites = self._sites(inp, "level='site'")
+            new = sorted(set(sites) - set(self.site_quantiles_))
+            src = np.empty((len(inp), ref.size))
+            if new:
+                if self.unseen == "error":
+                    raise ValueError(
+                        f"sites {new!r} were not seen in fit (known: "
+                        f"{sorted(self.site_quantiles_)!r}). Refit with them, use "
+                        "level='image', or unseen='batch' to estimate their histogram from the "
+                        "transformed batch."
+                    )
+                q = self._quantiles(inp)
+                for s in new:
+                    warnings.warn(
+                        f"site {s!r} was not seen in fit; its quantiles are estimated from its "
+                        f"{int((sites == s).sum())} images in this batch (unseen='batch').",
+                        HarmonizationWarning,
+                        stacklevel=2,
+                    )
+                    src[sites == s] = q[sites == s].mean(axis=0)
+            for s, qs in self.site_quantiles_.items():
+                src[sites == s] = qs
+        images = [_monotone_map(img, src[i], ref) for i, img in enumerate(inp.images)]
+        return _rebuild(X, images, name="HistogramMatcher", frame_out=self._frame_out())
+
+
+# --------------------------------------------------------------------------------------------
+# intensity standardisation
+# --------------------------------------------------------------------------------------------
+class IntensityStandardizer(_ImageTransformerMixin, BaseEstimator):
+    """CT windowing or per-image intensity standardisation.
+
+    Parameters
+    ----------
+    method : {"window", "zscore", "percentile", "minmax"}, default="zscore"
+        ``"window"``: clip to the CT window ``(level, width)`` in HU and rescale to [0, 1]
+        (identical across sites by construction: HU are absolute). ``"zscore"``: subtract the
+        image mean and divide by its standard deviation (inside the mask when present; MRI,
+        ultrasound). ``"percentile"``: clip to ``percentiles`` (inside the mask) and rescale to
+        [0, 1]. ``"minmax"``: per-image min-max to [0, 1].
+    window : (float, float), default=(40.0, 400.0)
+        CT window ``(level, width)`` for ``method="window"`` (soft tissue by default; lung:
+        ``(-600, 1500)``).
+    percentiles : (float, float), default=(0.5, 99.5)
+    use_mask : bool, default=True
+        Statistics inside masks when present.
+
+    Attributes
+    ----------
+    n_features_in_ : int
+    """
+
+    _parameter_constraints: dict = {
+        "method": [StrOptions({"window", "zscore", "percentile", "minmax"})],
+        "window": [tuple, list],
+        "percentiles": [tuple, list],
+        "use_mask": ["boolean"],
+    }
+
+    def __init__(
+        self, *, method="zscore", window=(40.0, 400.0), percentiles=(0.5, 99.5), use_mask=True
+    ):
+        self.method = method
+        self.window = window
+        self.percentiles = percentiles
+        self.use_mask = use_mask
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Validate parameters and input (the transform is per image and learns nothing)."""
+        if self.method == "window":
+            level, width = (float(v) for v in self.window)
+            if not width > 0:
+                raise ValueError(f"window=(level, width) needs width > 0, got {self.window!r}.")
+        lo, hi = (float(v) for v in self.percentiles)
+        if not (0.0 <= lo < hi <= 100.0):
+            raise ValueError(
+                f"percentiles={self.percentiles!r} must satisfy 0 <= lower < upper <= 100."
+            )
+        _read(X, "IntensityStandardizer")
+        self._record_input(X)
+        return self
+
+    def transform(self, X):
+        """Standardise every image (same container as ``X``)."""
+        check_is_fitted(self, "n_features_in_")
+        inp = _read(X, "IntensityStandardizer")
+        out = []
+        for i, img in enumerate(inp.images):
+            m = None
+            if self.use_mask and inp.masks is not None and inp.masks[i] is not None:
+                m = inp.masks[i]
+            ref = img[m] if m is not None else img
+            if self.method == "window":
+                level, width = (float(v) for v in self.window)
+                res = np.clip((img - (level - width / 2.0)) / width, 0.0, 1.0)
+            elif self.method == "zscore":
+                sd = float(ref.std())
+                res = (img - float(ref.mean())) / (sd if sd > 0 else 1.0)
+            else:
+                if self.method == "percentile":
+                    lo, hi = np.percentile(ref, [float(v) for v in self.percentiles])
+                else:
+                    lo, hi = float(img.min()), float(img.max())
+                res = np.clip((img - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(img)
+            out.append(res.astype(np.float32))
+        return _rebuild(X, out, name="IntensityStandardizer", frame_out=self._frame_out())
+
+
+# --------------------------------------------------------------------------------------------
+# CT window / level
+# --------------------------------------------------------------------------------------------
+#: Common CT windows ``(level, width)`` in Hounsfield units.
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "soft_tissue": (40.0, 400.0),
+    "mediastinum": (50.0, 350.0),
+    "lung": (-600.0, 1500.0),
+    "liver": (60.0, 160.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+}
+
+
+def _parse_windows(windows) -> list[tuple[float, float]]:
+    """Validate ``windows``: a preset name, one ``(level, width)`` or a list of them."""
+    items = [windows] if isinstance(windows, str) else windows
+    if (
+        isinstance(items, tuple | list | np.ndarray)
+        and len(items) == 2
+        and all(isinstance(v, Real) and not isinstance(v, bool) for v in items)
+    ):
+        items = [tuple(items)]
+    out = []
+    try:
+        for w in items:
+            if isinstance(w, str):
+                if w not in CT_WINDOWS:
+                    raise KeyError(w)
+                out.append(CT_WINDOWS[w])
+                continue
+            level, width = (float(v) for v in w)
+            if not (np.isfinite(level) and np.isfinite(width) and width > 0):
+                raise ValueError(w)
+            out.append((level, width))
+    except (TypeError, ValueError, KeyError):
+        out = []
+    if not out:
+        raise ValueError(
+            f"windows={windows!r} is not valid: give a preset name "
+            f"{sorted(CT_WINDOWS)!r}, one (level, width) pair in HU with width > 0, or a list "
+            "of them, e.g. windows=['soft_tissue', (-600, 1500)]."
+        )
+    return out
+
+
+class IntensityWindow(_ImageTransformerMixin, BaseEstimator):
+    """CT window / level: clip Hounsfield units to one or several windows, rescale to [0, 1].
+
+    Each window ``(level, width)`` maps ``level - width / 2`` to 0 and ``level + width / 2`` to
+    1, clipping outside. HU are absolute, so windowing is the same at every site and learns
+    nothing (``fit`` only validates). With several windows, each becomes one output channel
+    (2-D images ``(H, W)`` become ``(H, W, n_windows)``), the usual way to feed a CT slice to a
+    3-channel ImageNet CNN (e.g. soft tissue, lung and bone windows).
+
+    Parameters
+    ----------
+    windows : str, (float, float) or list of them, default="soft_tissue"
+        Preset names (see ``CT_WINDOWS``: ``"soft_tissue"`` (40, 400), ``"mediastinum"``
+        (50, 350), ``"lung"`` (-600, 1500), ``"liver"`` (60, 160), ``"bone"`` (400, 1800),
+        ``"brain"`` (40, 80)) or ``(level, width)`` pairs in HU.
+    output : {"unit", "hu"}, default="unit"
+        ``"unit"``: rescale each window to [0, 1]; ``"hu"``: only clip, keep HU.
+
+    Attributes
+    ----------
+    windows_ : list of (float, float)
+        The resolved ``(level, width)`` pairs.
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> ct = np.array([[[-1000.0, 40.0], [240.0, 1000.0]]])  # one 2x2 slice in HU
+    >>> IntensityWindow(windows="soft_tissue").fit_transform(ct)[0]
+    array([[0. , 0.5],
+           [1. , 1. ]], dtype=float32)
+    >>> IntensityWindow(windows=["soft_tissue", "lung"]).fit_transform(ct).shape
+    (1, 2, 2, 2)
+    """
+
+    _parameter_constraints: dict = {
+        "windows": [str, tuple, list, np.ndarray],
+        "output": [StrOptions({"unit", "hu"})],
+    }
+
+    def __init__(self, *, windows="soft_tissue", output="unit"):
+        self.windows = windows
+        self.output = output
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Validate ``windows`` and the input (windowing learns nothing)."""
+        self.windows_ = _parse_windows(self.windows)
+        inp = _read(X, "IntensityWindow")
+        self._check_images(inp)
+        self._record_input(X)
+        return self
+
+    def _check_images(self, inp: ImageInput) -> None:
+        if len(self.windows_) > 1:
+            bad = [i for i, im in enumerate(inp.images) if im.ndim != 2]
+            if bad:
+                raise ValueError(
+                    f"IntensityWindow with {len(self.windows_)} windows stacks them as channels "
+                    f"of 2-D (H, W) images, but image {bad[0]} has shape "
+                    f"{inp.images[bad[0]].shape!r}. Use one window per IntensityWindow for "
+                    "volumes, or give the windows to PretrainedCNNFeatures(windows=...), which "
+                    "applies them after slicing."
+                )
+
+    def transform(self, X):
+        """Window every image (same container as ``X``; channels last for several windows)."""
+        check_is_fitted(self, "windows_")
+        inp = _read(X, "IntensityWindow")
+        self._check_images(inp)
+        out = []
+        for img in inp.images:
+            chans = []
+            for level, width in self.windows_:
+                lo, hi = level - width / 2.0, level + width / 2.0
+                c = np.clip(img, lo, hi)
+                chans.append((c - lo) / width if self.output == "unit" else c)
+            res = chans[0] if len(chans) == 1 else np.stack(chans, axis=-1)
+            out.append(res.astype(np.float32))
+        return _rebuild(X, out, name="IntensityWindow", frame_out=self._frame_out())
