@@ -26,7 +26,7 @@ parameters, best cross-validated AUC, test AUC of the refit model and wall time.
 
 Usage::
 
-    python benchmarks/bench_search.py            # full run (about 10 min on 2 shared cores)
+    python benchmarks/bench_search.py            # full run (20 s idle .. 10 min busy, 2 cores)
     python benchmarks/bench_search.py --quick    # smoke run (4 trials, 1 minute or two)
 """
 

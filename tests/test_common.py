@@ -8,6 +8,7 @@ imbalanced-learn's ``test_common.py``.
 
 from __future__ import annotations
 
+from optuna.distributions import FloatDistribution
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
@@ -27,6 +28,7 @@ from skrtl._harmonize import (
 )
 from skrtl._label_shift import LabelShiftAdapter
 from skrtl._radiomics import RadiomicsFeatures
+from skrtl._search import TransferSearchCV
 from skrtl._survival import CoxPHSurvival, SelectKBestSurvival
 
 _CAL = (
@@ -140,6 +142,14 @@ ESTIMATORS: list = [
     BiasCorrectedTemperatureScaling(),
     VectorScaling(),
     LabelShiftAdapter(LogisticRegression(), cv=2, random_state=0),
+    # Optuna search (over a plain sklearn estimator: fast, the same code path)
+    TransferSearchCV(
+        LogisticRegression(),
+        param_distributions={"C": FloatDistribution(0.1, 10.0, log=True)},
+        n_trials=2,
+        cv=2,
+        random_state=0,
+    ),
     # survival
     CoxPHSurvival(penalizer=0.1),
     SelectKBestSurvival(k=2),
