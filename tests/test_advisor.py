@@ -26,7 +26,7 @@ def test_noisy_labels_get_linear_probe_even_with_more_data():
 def test_medium_data_fine_tunes_with_shallow_layers_frozen():
     advice = suggest_strategy(600, domain_gap="low", n_layers=10)
     assert advice.strategy == "finetune"
-    assert 1 <= advice.freeze_depth <= 5
+    assert 1 <= advice.freeze_depth <= 7  # shallow layers frozen, top layers + head train
     assert 0 < advice.gamma < 1
     assert "fine-tune" in advice.reason and f"1..{advice.freeze_depth}" in advice.reason
 

@@ -20,6 +20,7 @@ from skrtl._calibration import (
 )
 from skrtl._combat import ComBatHarmonizer
 from skrtl._features import PretrainedCNNFeatures
+from skrtl._finetune import FineTuneClassifier
 from skrtl._harmonize import (
     HistogramMatcher,
     IntensityStandardizer,
@@ -135,6 +136,14 @@ ESTIMATORS: list = [
     HistogramMatcher(),
     IntensityWindow(),
     IntensityStandardizer(),
+    FineTuneClassifier(
+        input_size=32,
+        max_epochs=1,
+        batch_size=8,
+        pretrained=False,
+        validation_fraction=None,
+        random_state=0,
+    ),
     # feature-level harmonization
     ComBatHarmonizer(),
     # probability calibrators
