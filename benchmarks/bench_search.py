@@ -67,10 +67,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run")
     parser.add_argument("--n-trials", type=int, default=20)
-    parser.add_argument("--n-train", type=int, default=300)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--n-train", type=int, default=780)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--input-size", type=int, default=96, help="network input size (px)")
     parser.add_argument("--cv", type=int, default=2)
-    parser.add_argument("--budget", type=float, default=480.0, help="search timeout (s)")
+    parser.add_argument("--budget", type=float, default=500.0, help="search timeout (s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plots", action="store_true", help="write PNG plots to /tmp")
     parser.add_argument("--out", type=Path, default=RESULTS / "search.json")
@@ -95,14 +96,14 @@ def main(argv=None) -> int:
 
     def space(trial):
         strategy = trial.suggest_categorical("strategy", ["finetune", "linear_probe"])
-        params = {"strategy": strategy, "lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True)}
+        params = {"strategy": strategy, "lr": trial.suggest_float("lr", 1e-4, 3e-2, log=True)}
         if strategy == "finetune":
             params["freeze_depth"] = trial.suggest_int("freeze_depth", 5, 9)
             params["gamma"] = trial.suggest_float("gamma", 0.1, 1.0, log=True)
         return params
 
     est = FineTuneClassifier(
-        input_size=32,
+        input_size=args.input_size,
         max_epochs=args.epochs,
         batch_size=32,
         augment=False,
@@ -156,10 +157,11 @@ def main(argv=None) -> int:
         "search, official test split for the final AUC",
         "n_search": int(len(y)),
         "n_test": int(len(y_test)),
-        "estimator": "FineTuneClassifier(tf_efficientnet_lite0 ImageNet, input_size=32, "
+        "estimator": "FineTuneClassifier(tf_efficientnet_lite0 ImageNet, "
+        f"input_size={args.input_size}, "
         f"max_epochs={args.epochs}, augment=False, early_stopping=False, "
         "validation_fraction=0.2)",
-        "space": "strategy {finetune, linear_probe}; lr log [1e-4, 1e-2]; finetune only: "
+        "space": "strategy {finetune, linear_probe}; lr log [1e-4, 3e-2]; finetune only: "
         "freeze_depth int [5, 9] (L=10), gamma log [0.1, 1]",
         "cv": args.cv,
         "scoring": "roc_auc",

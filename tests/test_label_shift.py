@@ -16,7 +16,6 @@ from sklearn.metrics import log_loss
 from sklearn.model_selection import GridSearchCV, cross_validate
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from skrtl._calibration import (
     BiasCorrectedTemperatureScaling,
@@ -398,46 +397,5 @@ def test_em_agrees_with_abstention_package(shifted_data):
     np.testing.assert_allclose(target, func(raw), atol=1e-6)
 
 
-# --------------------------------------------------------------------- sklearn checks
-
-_CALIBRATOR_REASON = (
-    "X must hold one logit/probability column per class; sklearn's checks pass feature "
-    "matrices with another number of columns, which the calibrator rejects on purpose"
-)
-CALIBRATOR_EXPECTED_FAILED = {
-    name: _CALIBRATOR_REASON
-    for name in [
-        "check_classifiers_classes",
-        "check_classifiers_train",
-        "check_dtype_object",
-        "check_estimators_dtypes",
-        "check_estimators_fit_returns_self",
-        "check_estimators_nan_inf",
-        "check_estimators_overwrite_params",
-        "check_estimators_pickle",
-        "check_n_features_in_after_fitting",
-        "check_non_transformer_estimators_n_iter",
-        "check_pipeline_consistency",
-        "check_positive_only_tag_during_fit",
-        "check_readonly_memmap_input",
-    ]
-}
-
-
-def _expected_failed(estimator):
-    if isinstance(estimator, TemperatureScaling | VectorScaling):
-        return CALIBRATOR_EXPECTED_FAILED
-    return {}
-
-
-@parametrize_with_checks(
-    [
-        LabelShiftAdapter(LogisticRegression(), cv=2, random_state=0),
-        TemperatureScaling(),
-        BiasCorrectedTemperatureScaling(),
-        VectorScaling(),
-    ],
-    expected_failed_checks=_expected_failed,
-)
-def test_sklearn_checks(estimator, check):
-    check(estimator)
+# sklearn's estimator checks for LabelShiftAdapter and the calibrators run in
+# tests/test_common.py with the other skrtl estimators.
