@@ -444,3 +444,21 @@ def layer_of_parameters(model: nn.Module) -> dict[str, int]:
 
 def _as_names(x: str | Sequence[str]) -> list[str]:
     return [x] if isinstance(x, str) else list(x)
+
+
+def _resolve_device(device) -> torch.device:
+    """``"auto"`` -> CUDA when available else CPU; otherwise a validated torch device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {device!r}."
+        ) from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device!r} but CUDA is not available on this machine; use device='auto' "
+            "or 'cpu'."
+        )
+    return dev

@@ -41,6 +41,7 @@ from torch import nn
 
 from ._backbone import (
     DEFAULT_BACKBONE,
+    _resolve_device,
     backbone_data_config,
     get_transfer_layers,
     load_backbone,
@@ -312,23 +313,6 @@ def _order_hook(order: dict, name: str):
 
 class _StopForward(Exception):
     """Raised by the last needed hook to skip the rest of the network."""
-
-
-def _resolve_device(device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(
-            f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {device!r}."
-        ) from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device={device!r} but CUDA is not available on this machine; use device='auto' "
-            "or 'cpu'."
-        )
-    return dev
 
 
 def _bf16_supported(device: torch.device) -> bool:

@@ -38,15 +38,19 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 from torch import nn
 
-from ._backbone import DEFAULT_BACKBONE, backbone_data_config, get_transfer_layers, load_backbone
+from ._backbone import (
+    DEFAULT_BACKBONE,
+    _resolve_device,
+    backbone_data_config,
+    get_transfer_layers,
+    load_backbone,
+)
+from ._features import _pristine_backbone
 from ._imaging import read_image_frame, scale_intensity, to_network_tensor, to_slices
 
 __all__ = ["FineTuneClassifier"]
 
 _STRATEGIES = ("scratch", "linear_probe", "finetune")
-
-# per-process cache of pretrained backbone state dicts: {(name, weights, in_chans): state}
-_PRETRAINED_CACHE: dict[tuple, dict[str, torch.Tensor]] = {}
 
 # at most this many bytes of cached frozen-prefix activations (else caching is skipped)
 _MAX_CACHE_BYTES = 2 * 1024**3
@@ -56,11 +60,9 @@ _MAX_CACHE_BYTES = 2 * 1024**3
 # torch pieces
 # --------------------------------------------------------------------------------------------
 def _pretrained_state(name: str, weights, in_chans: int) -> dict[str, torch.Tensor]:
-    key = (name, None if weights is None else str(weights), int(in_chans))
-    if key not in _PRETRAINED_CACHE:
-        model = load_backbone(name, pretrained=True, weights=weights, in_chans=in_chans)
-        _PRETRAINED_CACHE[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return _PRETRAINED_CACHE[key]
+    """Pretrained backbone weights, loaded once per process (shared with the feature cache)."""
+    model, _, _ = _pristine_backbone(name, weights, True, in_chans, torch.device("cpu"))
+    return model.state_dict()
 
 
 def _create_model(name, *, pretrained, weights, in_chans, n_out, drop_rate) -> nn.Module:
@@ -248,12 +250,6 @@ def _valid_auc(net, X, y):
 def _valid_acc(net, X, y):
     proba = net.predict_proba(X)
     return float(np.mean(np.argmax(proba, axis=1) == np.asarray(y)))
-
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 # --------------------------------------------------------------------------------------------
@@ -610,7 +606,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         n_classes = len(self.classes_)
         rng = check_random_state(self.random_state)
         seed = int(rng.randint(np.iinfo(np.int32).max))
-        self.device_ = _resolve_device(self.device)
+        self.device_ = str(_resolve_device(self.device))
 
         # ---------------- validation split (by sample) -------------------------------------
         idx_all = np.arange(n)

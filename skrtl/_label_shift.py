@@ -34,7 +34,12 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _num_samples, check_is_fitted, column_or_1d, indexable
 
-from ._calibration import BiasCorrectedTemperatureScaling, TemperatureScaling, VectorScaling
+from ._calibration import (
+    _PROBA_FLOOR,
+    BiasCorrectedTemperatureScaling,
+    TemperatureScaling,
+    VectorScaling,
+)
 
 __all__ = [
     "LabelShiftAdapter",
@@ -51,7 +56,6 @@ _CALIBRATORS = {
     "bcts": BiasCorrectedTemperatureScaling,
     "vs": VectorScaling,
 }
-_PROBA_FLOOR = 1e-15
 
 
 class LabelShiftWarning(UserWarning):

@@ -51,37 +51,6 @@ _CAL_CHECKS = [
     "check_positive_only_tag_during_fit",
     "check_readonly_memmap_input",
 ]
-_COMBAT = (
-    "needs the site of every row (a 'site' column of a DataFrame X or a routed sample_domain); "
-    "sklearn's generic check data carries none (tests/test_combat.py checks the invariants)"
-)
-_COMBAT_CHECKS = [
-    "check_dict_unchanged",
-    "check_dont_overwrite_parameters",
-    "check_dtype_object",
-    "check_estimators_dtypes",
-    "check_estimators_fit_returns_self",
-    "check_estimators_nan_inf",
-    "check_estimators_overwrite_params",
-    "check_estimators_pickle",
-    "check_f_contiguous_array_estimator",
-    "check_fit2d_1feature",
-    "check_fit2d_1sample",
-    "check_fit2d_predict1d",
-    "check_fit_check_is_fitted",
-    "check_fit_idempotent",
-    "check_fit_score_takes_y",
-    "check_methods_sample_order_invariance",
-    "check_methods_subset_invariance",
-    "check_n_features_in",
-    "check_n_features_in_after_fitting",
-    "check_pipeline_consistency",
-    "check_positive_only_tag_during_fit",
-    "check_readonly_memmap_input",
-    "check_transformer_data_not_an_array",
-    "check_transformer_general",
-    "check_transformer_preserve_dtypes",
-]
 _SURV = (
     "needs a structured (event, time) survival target; sklearn's checks pass class labels or "
     "regression values as y, which are rejected on purpose (tests/test_survival.py runs the "
@@ -124,6 +93,13 @@ _SEL_CHECKS = _SURV_CHECKS + [
     "check_transformer_general",
     "check_transformer_preserve_dtypes",
 ]
+
+_COMBAT = (
+    "needs the site of every row (a 'site' column of a DataFrame X or a routed sample_domain); "
+    "sklearn's generic check data carries none (tests/test_combat.py checks the invariants)"
+)
+# the same checks as a selector's: every one needs the side data sklearn's test data lacks
+_COMBAT_CHECKS = _SEL_CHECKS + ["check_fit2d_1sample"]
 
 ESTIMATORS: list = [
     # image estimators: their tags say they take image arrays, not sklearn's tabular test data,
