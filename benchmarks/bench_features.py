@@ -8,13 +8,15 @@ Measured:
 
 * **speed** -- images per second of a plain fp32 timm loop (batched torch preprocessing, then
   ``model(x)`` under ``torch.no_grad``, batch 32) against ``PretrainedCNNFeatures()`` with its
-  default settings (whole ``transform``, preprocessing included, cache off), and optionally
-  ``compile=True`` (steady state and compilation time). Both are timed alternately, best of
-  the repeats, so that the shared CPU affects both alike;
+  default settings (``precision="auto"``: mixed fp32/bf16 on this CPU; whole ``transform``,
+  preprocessing included, cache off), ``precision="fp32"``, ``precision="bf16"`` and
+  optionally ``compile=True`` (steady state and compilation time). All are timed
+  alternately, best of the repeats, so that the shared CPU affects them alike;
 * **linear probe** -- BreastMNIST test AUC of ``StandardScaler + LogisticRegression`` on the
   frozen features (C chosen by 5-fold grid search on train+val with fp32 features, the same C
-  for the default bf16 features): the two AUCs must agree within 0.005. The published
-  reference is ResNet-18 trained end to end at 28 px: 0.901 (MedMNIST v2);
+  for the default and the bf16 features): the default's AUC must agree with fp32's within
+  0.005, also over the whole C grid. The published reference is ResNet-18 trained end to end
+  at 28 px: 0.901 (MedMNIST v2);
 * **cache** -- wall time of ``GridSearchCV`` (5 folds x 10 values of C) over the whole pipeline
   ``PretrainedCNNFeatures -> StandardScaler -> LogisticRegression`` with and without the
   content-keyed feature cache;
@@ -87,13 +89,19 @@ def bench_speed(X, *, repeats: int, with_compile: bool) -> dict:
 
     variants = {
         "default": PretrainedCNNFeatures(cache=False).fit(X),
+        "fp32": PretrainedCNNFeatures(cache=False, precision="fp32").fit(X),
         "bf16": PretrainedCNNFeatures(cache=False, precision="bf16").fit(X),
     }
-    out: dict = {"n_images": len(X), "input_size": 224, "batch_size": 32}
+    out: dict = {
+        "n_images": len(X),
+        "input_size": 224,
+        "batch_size": 32,
+        "default_precision": variants["default"].precision_,
+    }
     if with_compile:
-        variants["compile_fp32"] = PretrainedCNNFeatures(cache=False, compile=True).fit(X)
+        variants["compile"] = PretrainedCNNFeatures(cache=False, compile=True).fit(X)
         t = time.perf_counter()
-        variants["compile_fp32"].transform(X[:32])
+        variants["compile"].transform(X[:32])
         out["compile_warmup_s"] = round(time.perf_counter() - t, 1)
     for est in variants.values():
         est.transform(X[:8])  # build the inference copies
@@ -169,23 +177,30 @@ def bench_probe(data, *, n_train: int | None, n_test: int | None, input_size: in
         out[f"test_auc_{name}"] = round(float(auc), 4)
     out["abs_auc_diff_default"] = round(abs(aucs["default"] - aucs["fp32"]), 4)
     out["abs_auc_diff_bf16"] = round(abs(aucs["bf16"] - aucs["fp32"]), 4)
-    # the same comparison over the whole C grid (is the bf16 difference systematic?)
+    # the same comparison over the whole C grid (is a difference systematic?)
     from sklearn.base import clone
 
-    f32 = PretrainedCNNFeatures(input_size=input_size).fit(Xtr)
-    f16 = PretrainedCNNFeatures(input_size=input_size, precision="bf16").fit(Xtr)
-    F = {k: (e.transform(Xtr), e.transform(Xte)) for k, e in (("fp32", f32), ("bf16", f16))}
-    rel = np.linalg.norm(F["bf16"][1] - F["fp32"][1]) / np.linalg.norm(F["fp32"][1])
-    out["bf16_feature_rel_diff"] = round(float(rel), 4)
-    diffs = []
+    ests = {
+        "fp32": PretrainedCNNFeatures(input_size=input_size, precision="fp32"),
+        "default": PretrainedCNNFeatures(input_size=input_size),
+        "bf16": PretrainedCNNFeatures(input_size=input_size, precision="bf16"),
+    }
+    F = {k: (e.fit(Xtr).transform(Xtr), e.transform(Xte)) for k, e in ests.items()}
+    for k in ("default", "bf16"):
+        rel = np.linalg.norm(F[k][1] - F["fp32"][1]) / np.linalg.norm(F["fp32"][1])
+        out[f"{k}_feature_rel_diff"] = round(float(rel), 4)
+    diffs: dict = {"default": [], "bf16": []}
     for C in Cs:
         probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=3000))
-        a = [
-            roc_auc_score(yte, clone(probe).fit(F[k][0], ytr).predict_proba(F[k][1])[:, 1])
-            for k in ("fp32", "bf16")
-        ]
-        diffs.append(a[1] - a[0])
-    out["bf16_minus_fp32_auc_over_C_grid"] = [round(float(d), 4) for d in diffs]
+        a = {
+            k: roc_auc_score(yte, clone(probe).fit(F[k][0], ytr).predict_proba(F[k][1])[:, 1])
+            for k in F
+        }
+        for k in diffs:
+            diffs[k].append(a[k] - a["fp32"])
+    for k, d in diffs.items():
+        out[f"{k}_minus_fp32_auc_over_C_grid"] = [round(float(v), 4) for v in d]
+        out[f"{k}_max_abs_auc_diff_over_C_grid"] = round(float(np.max(np.abs(d))), 4)
     out["published_resnet18_28px_test_auc"] = 0.901
     return out
 
@@ -277,13 +292,15 @@ def _summary(results: dict) -> list[tuple[str, object]]:
     if sp:
         rows += [
             ("plain fp32 timm loop (img/s)", sp["plain_fp32_img_per_s"]),
-            ("defaults, fp32 (img/s)", sp["default_img_per_s"]),
+            (f"defaults, {sp['default_precision']} (img/s)", sp["default_img_per_s"]),
             ("speed-up defaults / plain", sp["speedup_default_vs_plain"]),
+            ("precision='fp32' (img/s)", sp["fp32_img_per_s"]),
+            ("speed-up fp32 / plain", sp["speedup_fp32_vs_plain"]),
             ("precision='bf16' (img/s)", sp["bf16_img_per_s"]),
             ("speed-up bf16 / plain", sp["speedup_bf16_vs_plain"]),
         ]
-        if "compile_fp32_img_per_s" in sp:
-            rows.append(("compile=True fp32 (img/s)", sp["compile_fp32_img_per_s"]))
+        if "compile_img_per_s" in sp:
+            rows.append(("compile=True (img/s)", sp["compile_img_per_s"]))
     if pr:
         rows += [
             ("test AUC plain fp32 (C by CV)", pr["test_auc_fp32"]),
@@ -291,6 +308,8 @@ def _summary(results: dict) -> list[tuple[str, object]]:
             ("test AUC bf16", pr["test_auc_bf16"]),
             ("|AUC diff| defaults", pr["abs_auc_diff_default"]),
             ("|AUC diff| bf16", pr["abs_auc_diff_bf16"]),
+            ("max |AUC diff| defaults over 10 C", pr["default_max_abs_auc_diff_over_C_grid"]),
+            ("max |AUC diff| bf16 over 10 C", pr["bf16_max_abs_auc_diff_over_C_grid"]),
         ]
     if ca:
         rows += [
@@ -310,7 +329,6 @@ def _targets(results: dict) -> dict:
     t = {}
     if "speed" in results:
         t["speedup_default_vs_plain>=6"] = results["speed"]["speedup_default_vs_plain"] >= 6
-        t["speedup_bf16_vs_plain>=6"] = results["speed"]["speedup_bf16_vs_plain"] >= 6
     if "probe" in results:
         t["abs_auc_diff_default<0.005"] = results["probe"]["abs_auc_diff_default"] < 0.005
         t["abs_auc_diff_bf16<0.005"] = results["probe"]["abs_auc_diff_bf16"] < 0.005
@@ -357,8 +375,8 @@ def main(argv=None) -> dict:
             "quick": quick,
             "machine": (
                 f"{platform.processor() or platform.machine()}, torch threads={_threads()}, "
-                "shared 2-core CPU (other jobs ran at the same time: absolute img/s are "
-                "noisy, the paired ratios are the meaningful numbers)"
+                "2-core CPU (all variants timed alternately in one run: the ratios are the "
+                "meaningful numbers)"
             ),
             "torch": torch.__version__,
         }

@@ -109,6 +109,8 @@ def main(argv=None) -> int:
         augment=False,
         early_stopping=False,
         validation_fraction=0.2,
+        n_estimators=1,  # one network per trial and fold (the recorded results)
+        tta=False,
         device="cpu",
         random_state=args.seed,
     )

@@ -88,6 +88,11 @@ class _Study:
                 self.log(f"{title}: done in {time.perf_counter() - t0:.1f}s")
 
 
+# float32 features: the example output in docs/demo.md is the same on every CPU (the default
+# precision="auto" uses bfloat16 after the first layers only where the CPU supports it)
+_PRECISION = "fp32"
+
+
 def _optional(module: str, name: str, study: _Study, purpose: str):
     try:
         return getattr(importlib.import_module(f"skrtl.{module}"), name)
@@ -318,7 +323,7 @@ def _features(study, d, image_size, random_state):
     F = None
     if cls is not None:
         try:
-            ext = cls(input_size=image_size, batch_size=32, verbose=0)
+            ext = cls(input_size=image_size, batch_size=32, precision=_PRECISION, verbose=0)
             ext.fit(frame.iloc[d["train"]])
             F = np.asarray(ext.transform(frame), dtype=np.float64)
         except Exception as exc:  # keep the demo going with a plain backbone pass
@@ -403,7 +408,7 @@ def _harmonization(study, d, F, feat_cls, image_size, random_state):
         if feat_cls is None:
             Fh = _fallback_features(matched, image_size)
         else:
-            ext = feat_cls(input_size=image_size, batch_size=32, verbose=0)
+            ext = feat_cls(input_size=image_size, batch_size=32, precision=_PRECISION, verbose=0)
             Fh = np.asarray(ext.fit(matched.iloc[tr]).transform(matched), dtype=np.float64)
         s, t = _probe_auc(Fh, y, tr, te, tg)
         study.add("harmonization", "HistogramMatcher (images)", "ROC AUC", s, t,
@@ -428,7 +433,10 @@ def _harmonization(study, d, F, feat_cls, image_size, random_state):
         from ._adabn import AdaBN
 
         t0 = time.perf_counter()
-        ada = AdaBN(feat_cls(input_size=image_size, batch_size=32, verbose=0), unseen="source")
+        ada = AdaBN(
+            feat_cls(input_size=image_size, batch_size=32, precision=_PRECISION, verbose=0),
+            unseen="source",
+        )
         ada.fit(frame.iloc[tr])
         ada.adapt(frame.iloc[np.r_[te, tg]])
         Fa = np.asarray(ada.transform(frame), dtype=np.float64)
@@ -453,6 +461,7 @@ def _finetune(study, d, image_size, quick, random_state):
     t0 = time.perf_counter()
     clf = cls(
         strategy="finetune",
+        n_estimators=1,  # one network keeps the demo fast (library default: 5-network ensemble)
         max_epochs=3 if quick else 6,
         batch_size=32,
         input_size=image_size,
@@ -464,7 +473,8 @@ def _finetune(study, d, image_size, quick, random_state):
     s = _auc(y[te], clf.predict_proba(frame.iloc[te])[:, pos])
     t = _auc(y[tg], clf.predict_proba(frame.iloc[tg])[:, pos])
     study.add("transfer", "fine-tune (FineTuneClassifier)", "ROC AUC", s, t,
-              time.perf_counter() - t0, f"{clf.max_epochs} epochs")  # fmt: skip
+              time.perf_counter() - t0,
+              f"{clf.n_estimators} network(s), {clf.max_epochs} epochs")  # fmt: skip
     hist = getattr(clf, "history_", None)
     if hist:
         import matplotlib

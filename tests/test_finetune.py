@@ -34,7 +34,7 @@ def _data(n=16, n_classes=2, seed=0, shape=(SIZE, SIZE)):
 
 
 def _clf(**kw):
-    params = dict(input_size=SIZE, max_epochs=1, batch_size=8, random_state=0)
+    params = dict(input_size=SIZE, max_epochs=1, batch_size=8, n_estimators=1, random_state=0)
     params.update(kw)
     return FineTuneClassifier(**params)
 
@@ -236,6 +236,64 @@ def test_random_state_reproducible():
     torch.manual_seed(123)
     _clf(strategy="linear_probe", augment=False).fit(X, y)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_first_fit_in_a_process_is_reproducible():
+    """Loading the pretrained weights (first fit only) must not shift the seeded RNG stream."""
+    import skrtl._features as feats
+
+    X, y = _data()
+    feats._MODEL_CACHE.clear()
+    a = _clf(validation_fraction=None).fit(X, y)  # loads the backbone inside fit
+    b = _clf(validation_fraction=None).fit(X, y)  # backbone already cached
+    np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
+
+
+def _member_proba(clf, X, flip=False):
+    x = clf._to_tensor(clf._scaled_images(X)[0])
+    if flip:
+        x = x.flip(-1)
+    with torch.no_grad():
+        return np.mean([torch.softmax(n.module_(x), 1).numpy() for n in clf.nets_], axis=0)
+
+
+def test_ensemble_averages_cross_fitted_members():
+    X, y = _data(n=24)
+    clf = _clf(n_estimators=3, validation_fraction=0.25, max_epochs=2, tta=False).fit(X, y)
+    assert len(clf.nets_) == 3 and clf.nets_[0] is clf.net_
+    assert len(clf.histories_) == 3 and clf.histories_[0] == clf.history_
+    assert len(clf.best_epochs_) == 3 and clf.best_epochs_[0] == clf.best_epoch_
+    # every member is a separately trained network
+    heads = [n.module_.model.get_classifier().weight for n in clf.nets_]
+    assert not torch.equal(heads[0], heads[1]) and not torch.equal(heads[1], heads[2])
+    np.testing.assert_allclose(clf.predict_proba(X), _member_proba(clf, X), atol=1e-6)
+    # the members' validation sets are disjoint stratified folds: together they cover
+    # 3 of the 4 folds of 24 images = 18 images, 6 per member (3 per class)
+    val_sets = [n.train_split.keywords["valid_ds"] for n in clf.nets_]
+    val_sizes = {len(v) for v in val_sets}
+    assert val_sizes == {6}
+    val_x = torch.cat([v.X for v in val_sets])
+    assert len(torch.unique(val_x.flatten(1), dim=0)) == 18
+    # AdaBN sees all members through one module
+    module = clf._skrtl_torch_module()
+    assert [m for m in module.members] == [n.module_ for n in clf.nets_]
+
+
+def test_tta_averages_the_mirror_image():
+    X, y = _data()
+    X[:, :, :8] += 0.5  # left-right asymmetric images
+    clf = _clf(tta=True).fit(X, y)
+    expected = (_member_proba(clf, X) + _member_proba(clf, X, flip=True)) / 2
+    np.testing.assert_allclose(clf.predict_proba(X), expected, atol=1e-6)
+    clf.set_params(tta=False)
+    np.testing.assert_allclose(clf.predict_proba(X), _member_proba(clf, X), atol=1e-6)
+    assert not np.allclose(expected, _member_proba(clf, X), atol=1e-6)
+
+
+def test_small_classes_fall_back_to_random_member_splits():
+    X, y = _data(n=12)  # 6 per class: fewer than the 7 folds of validation_fraction=0.15
+    clf = _clf(n_estimators=2).fit(X, y)
+    assert all("valid_loss" in h[0] for h in clf.histories_)
 
 
 def test_pickle_roundtrip_predicts_the_same():

@@ -464,6 +464,7 @@ def test_real_finetune_classifier_default_space(tmp_path):
     X[y == 1, 8:24, 8:24] += 0.4  # a bright square marks class 1
     est = finetune.FineTuneClassifier(
         input_size=32,
+        n_estimators=1,
         max_epochs=2,
         batch_size=8,
         augment=False,
