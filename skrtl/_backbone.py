@@ -13,7 +13,10 @@ This module is the one place where skrtl creates CNNs. It
 
 from __future__ import annotations
 
+import hashlib
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -462,3 +465,60 @@ def _resolve_device(device) -> torch.device:
             "or 'cpu'."
         )
     return dev
+
+
+# --------------------------------------------------------------------------------------------
+# per-process cache of pristine (freshly loaded, frozen) backbones
+# --------------------------------------------------------------------------------------------
+# key (name, weights, pretrained, in_chans, device) -> (model, fingerprint, memo dict)
+_MODEL_CACHE: OrderedDict[tuple, tuple[nn.Module, str, dict]] = OrderedDict()
+_MODEL_CACHE_SIZE = 3
+_MODEL_LOCK = threading.Lock()
+
+
+def _fingerprint(module: nn.Module) -> str:
+    """Hash of every parameter and buffer of ``module`` (its exact numerical state)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        t = t.detach()
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        h.update(t.cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _pristine_backbone(
+    name: str, weights, pretrained: bool, in_chans: int, device: torch.device
+) -> tuple[nn.Module, str, dict]:
+    """A freshly loaded backbone, its fingerprint and a memo dict (loads are memoised).
+
+    The returned module is *shared* by every estimator fitted with the same arguments: it must
+    not be modified in place (:meth:`skrtl.PretrainedCNNFeatures._skrtl_torch_module` copies it
+    first).
+    """
+    key = (
+        name,
+        None if weights is None else str(weights),
+        bool(pretrained),
+        int(in_chans),
+        str(device),
+    )
+    with _MODEL_LOCK:
+        hit = _MODEL_CACHE.get(key)
+        if hit is not None:
+            _MODEL_CACHE.move_to_end(key)
+    if hit is None:
+        model = load_backbone(
+            name, pretrained=pretrained, weights=weights, in_chans=in_chans, num_classes=0
+        )
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model = model.to(device)
+        hit = (model, _fingerprint(model), {})
+        with _MODEL_LOCK:
+            _MODEL_CACHE[key] = hit
+            while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
+                _MODEL_CACHE.popitem(last=False)
+    return hit

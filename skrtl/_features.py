@@ -44,10 +44,11 @@ from torch import nn
 
 from ._backbone import (
     DEFAULT_BACKBONE,
+    _fingerprint,
+    _pristine_backbone,
     _resolve_device,
     backbone_data_config,
     get_transfer_layers,
-    load_backbone,
 )
 from ._imaging import ImageInput, read_image_frame, scale_intensity, to_network_tensor, to_slices
 
@@ -129,10 +130,7 @@ class _LRUBytes:
 
 
 _FEATURE_CACHE = _LRUBytes(512 * 2**20)
-# pristine backbones per (name, weights, pretrained, in_chans): (cpu model, fingerprint)
-_MODEL_CACHE: OrderedDict[tuple, tuple[nn.Module, str, dict]] = OrderedDict()
-_MODEL_CACHE_SIZE = 3
-_MODEL_LOCK = threading.Lock()
+_RUNNER_LOCK = threading.Lock()
 # inference copies per exact network state and settings (see _Runner)
 _RUNNER_CACHE: OrderedDict[tuple, object] = OrderedDict()
 _RUNNER_CACHE_SIZE = 2
@@ -161,54 +159,6 @@ def feature_cache_info(max_mb: float | None = None) -> dict:
             raise ValueError(f"max_mb must be a non-negative number, got {max_mb!r}.")
         _FEATURE_CACHE.resize(int(max_mb * 2**20))
     return _FEATURE_CACHE.info()
-
-
-def _fingerprint(module: nn.Module) -> str:
-    """Hash of every parameter and buffer of ``module`` (its exact numerical state)."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in module.state_dict().items():
-        h.update(name.encode())
-        t = t.detach()
-        if t.dtype == torch.bfloat16:
-            t = t.float()
-        h.update(t.cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _pristine_backbone(
-    name: str, weights, pretrained: bool, in_chans: int, device: torch.device
-) -> tuple[nn.Module, str, dict]:
-    """A freshly loaded backbone, its fingerprint and a memo dict (loads are memoised).
-
-    The returned module is *shared* by every estimator fitted with the same arguments: it must
-    not be modified in place (:meth:`PretrainedCNNFeatures._skrtl_torch_module` copies it
-    first).
-    """
-    key = (
-        name,
-        None if weights is None else str(weights),
-        bool(pretrained),
-        int(in_chans),
-        str(device),
-    )
-    with _MODEL_LOCK:
-        hit = _MODEL_CACHE.get(key)
-        if hit is not None:
-            _MODEL_CACHE.move_to_end(key)
-    if hit is None:
-        model = load_backbone(
-            name, pretrained=pretrained, weights=weights, in_chans=in_chans, num_classes=0
-        )
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model = model.to(device)
-        hit = (model, _fingerprint(model), {})
-        with _MODEL_LOCK:
-            _MODEL_CACHE[key] = hit
-            while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
-                _MODEL_CACHE.popitem(last=False)
-    return hit
 
 
 # --------------------------------------------------------------------------------------------
@@ -1184,7 +1134,7 @@ class PretrainedCNNFeatures(TransformerMixin, BaseEstimator):
             self.input_size_,
             compiled,
         )
-        with _MODEL_LOCK:
+        with _RUNNER_LOCK:
             runner = _RUNNER_CACHE.get(key)
             if runner is not None:
                 _RUNNER_CACHE.move_to_end(key)
@@ -1198,7 +1148,7 @@ class PretrainedCNNFeatures(TransformerMixin, BaseEstimator):
                 precision=self.precision_,
                 compiled=compiled,
             )
-            with _MODEL_LOCK:
+            with _RUNNER_LOCK:
                 _RUNNER_CACHE[key] = runner
                 while len(_RUNNER_CACHE) > _RUNNER_CACHE_SIZE:
                     _RUNNER_CACHE.popitem(last=False)

@@ -42,12 +42,12 @@ from torch import nn
 
 from ._backbone import (
     DEFAULT_BACKBONE,
+    _pristine_backbone,
     _resolve_device,
     backbone_data_config,
     get_transfer_layers,
     load_backbone,
 )
-from ._features import _pristine_backbone
 from ._imaging import read_image_frame, scale_intensity, to_network_tensor, to_slices
 
 __all__ = ["FineTuneClassifier"]

@@ -342,6 +342,14 @@ def test_fp32_runner_equals_the_plain_network():
         got = runner(x)[0]
         assert runner.micro_batch is not None and x.shape[0] > runner.micro_batch
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # the fused convs fall back to conv + clamp when gradients are wanted
+    conv = next(m for m in runner.net.modules() if isinstance(m, _ConvAct))
+    h = torch.randn(2, conv.in_channels, 9, 9)
+    with torch.no_grad():
+        fused = conv(h)
+    with torch.enable_grad():
+        plain = conv(h)
+    torch.testing.assert_close(fused, plain.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_precision_keeps_the_first_layers_in_fp32():

@@ -240,10 +240,10 @@ def test_random_state_reproducible():
 
 def test_first_fit_in_a_process_is_reproducible():
     """Loading the pretrained weights (first fit only) must not shift the seeded RNG stream."""
-    import skrtl._features as feats
+    import skrtl._backbone as backbone
 
     X, y = _data()
-    feats._MODEL_CACHE.clear()
+    backbone._MODEL_CACHE.clear()
     a = _clf(validation_fraction=None).fit(X, y)  # loads the backbone inside fit
     b = _clf(validation_fraction=None).fit(X, y)  # backbone already cached
     np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
