@@ -354,6 +354,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--input-size", type=int, default=224, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS / "features.json")
     args = parser.parse_args(argv)
+    if args.quick and args.out == RESULTS / "features.json":  # keep the full results
+        args.out = RESULTS / "quick" / "features.json"
     if args.memory_probe is not None:
         _memory_probe(args.memory_probe, args.input_size)
         return {}

@@ -172,6 +172,8 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "fusion.json")
     args = parser.parse_args(argv)
+    if args.quick and args.out == RESULTS / "fusion.json":  # keep the full results
+        args.out = RESULTS / "quick" / "fusion.json"
     data = load(args.quick, args.seed)
     if data is None:
         print(f"breastmnist.npz not found under {DATA_DIR} (set SKRTL_DATA_DIR); nothing to do")

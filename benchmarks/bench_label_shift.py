@@ -295,8 +295,11 @@ def main(argv=None) -> int:
         },
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "label_shift.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {RESULTS / 'label_shift.json'}")
+    # a smoke run never overwrites the full results
+    path = RESULTS / "quick" / "label_shift.json" if args.quick else RESULTS / "label_shift.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
     return 0
 
 

@@ -78,6 +78,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.n_trials, args.n_train, args.epochs, args.budget = 4, 120, 2, 120.0
+        if args.out == RESULTS / "search.json":  # a smoke run keeps the full results
+            args.out = RESULTS / "quick" / "search.json"
 
     try:
         from skrtl._finetune import FineTuneClassifier

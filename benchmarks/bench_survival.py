@@ -290,8 +290,11 @@ def main(argv=None) -> int:
         "most_selected_features_radiomics": dict(top),
         "per_fold_harrell": {k: [round(v, 4) for v in s["harrell"]] for k, s in scores.items()},
     }
-    (RESULTS / "survival.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {RESULTS / 'survival.json'}")
+    # a smoke run never overwrites the full results
+    path = RESULTS / "quick" / "survival.json" if args.quick else RESULTS / "survival.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
     return 0
 
 
