@@ -470,10 +470,38 @@ def _resolve_device(device) -> torch.device:
 # --------------------------------------------------------------------------------------------
 # per-process cache of pristine (freshly loaded, frozen) backbones
 # --------------------------------------------------------------------------------------------
+class _LRU:
+    """Thread-safe mapping that keeps the ``maxsize`` most recently used entries."""
+
+    def __init__(self, maxsize: int):
+        self.maxsize = maxsize
+        self._data: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            value = self._data.get(key)
+            if value is not None:
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.maxsize:
+                self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
 # key (name, weights, pretrained, in_chans, device) -> (model, fingerprint, memo dict)
-_MODEL_CACHE: OrderedDict[tuple, tuple[nn.Module, str, dict]] = OrderedDict()
-_MODEL_CACHE_SIZE = 3
-_MODEL_LOCK = threading.Lock()
+_MODEL_CACHE = _LRU(3)
 
 
 def _fingerprint(module: nn.Module) -> str:
@@ -504,10 +532,7 @@ def _pristine_backbone(
         int(in_chans),
         str(device),
     )
-    with _MODEL_LOCK:
-        hit = _MODEL_CACHE.get(key)
-        if hit is not None:
-            _MODEL_CACHE.move_to_end(key)
+    hit = _MODEL_CACHE.get(key)
     if hit is None:
         model = load_backbone(
             name, pretrained=pretrained, weights=weights, in_chans=in_chans, num_classes=0
@@ -517,8 +542,5 @@ def _pristine_backbone(
             p.requires_grad_(False)
         model = model.to(device)
         hit = (model, _fingerprint(model), {})
-        with _MODEL_LOCK:
-            _MODEL_CACHE[key] = hit
-            while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
-                _MODEL_CACHE.popitem(last=False)
+        _MODEL_CACHE.put(key, hit)
     return hit

@@ -43,6 +43,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from ._backbone import (
+    _LRU,
     DEFAULT_BACKBONE,
     _fingerprint,
     _pristine_backbone,
@@ -130,10 +131,8 @@ class _LRUBytes:
 
 
 _FEATURE_CACHE = _LRUBytes(512 * 2**20)
-_RUNNER_LOCK = threading.Lock()
 # inference copies per exact network state and settings (see _Runner)
-_RUNNER_CACHE: OrderedDict[tuple, object] = OrderedDict()
-_RUNNER_CACHE_SIZE = 2
+_RUNNER_CACHE = _LRU(2)
 
 
 def clear_feature_cache() -> None:
@@ -251,8 +250,23 @@ def _foldable_bn_types() -> tuple:
     return types
 
 
+def _probe_forward(model: nn.Module, probe: torch.Tensor, hooks: list) -> None:
+    """Run ``probe`` through ``model`` (no grad) for its ``hooks``, then remove them."""
+    try:
+        with torch.no_grad():
+            model(probe)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _fold_batchnorm(
-    model: nn.Module, probe: torch.Tensor, *, fuse_act: bool = False, keep: tuple = ()
+    model: nn.Module,
+    probe: torch.Tensor,
+    *,
+    fuse_act: bool = False,
+    keep: tuple = (),
+    copy_model: bool = True,
 ) -> tuple[nn.Module, int]:
     """Copy of ``model`` (eval) with each BatchNorm that directly follows a conv folded into it.
 
@@ -260,9 +274,10 @@ def _fold_batchnorm(
     produced it. With ``fuse_act`` a ReLU/ReLU6 that follows the BatchNorm moves into the conv
     too (:class:`_ConvAct`). Convs named in ``keep`` (their own output is wanted) stay as they
     are.
-    The caller verifies the result numerically.
+    The caller verifies the result numerically. ``copy_model=False`` folds ``model`` itself
+    (for a private copy).
     """
-    model = copy.deepcopy(model).eval()
+    model = (copy.deepcopy(model) if copy_model else model).eval()
     types = _foldable_bn_types()
     produced: list[tuple[torch.Tensor, str]] = []
     pairs: list[tuple[str, str]] = []
@@ -289,11 +304,8 @@ def _fold_batchnorm(
         elif type(mod) in types and mod.track_running_stats and mod.running_mean is not None:
             hooks.append(mod.register_forward_pre_hook(bn_hook(name)))
     try:
-        with torch.no_grad():
-            model(probe)
+        _probe_forward(model, probe, hooks)
     finally:
-        for h in hooks:
-            h.remove()
         produced.clear()
     mods = dict(model.named_modules())
     uses: dict[str, int] = {}
@@ -352,12 +364,7 @@ def _static_same_padding(model: nn.Module, probe: torch.Tensor) -> tuple[nn.Modu
         return hook
 
     hooks = [m.register_forward_pre_hook(size_hook(n)) for n, m in same.items()]
-    try:
-        with torch.no_grad():
-            model(probe)
-    finally:
-        for h in hooks:
-            h.remove()
+    _probe_forward(model, probe, hooks)
     n = 0
     for name, conv in same.items():
         if name not in sizes or tuple(conv.dilation) != (1, 1):
@@ -410,11 +417,9 @@ def _cast_deep_layers_bf16(net: nn.Module, reference: nn.Module, n_fp32: int) ->
     deep = {m for layer in get_transfer_layers(reference)[n_fp32:] for m in layer.module_names}
     n = 0
     for name, mod in net.named_modules():
-        if name not in deep:
-            continue
-        if not any(True for _ in mod.parameters(recurse=False)) and not any(
-            True for _ in mod.buffers(recurse=False)
-        ):
+        # folded BatchNorms are state-free placeholders now: nothing to cast
+        state = list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False))
+        if name not in deep or not state:
             continue
         mod.to(torch.bfloat16)
         mod.register_forward_pre_hook(_to_bf16_pre_hook)
@@ -480,8 +485,12 @@ class _Runner:
         probe = probe.to(device)
         net, n_static = _static_same_padding(model, probe)
         fuse = device.type == "cpu" and not compiled and _can_fuse_on_cpu()
-        net, n_folded = _fold_batchnorm(
-            net, probe, fuse_act=fuse, keep=tuple(m for m in self.layer_modules if m)
+        net, n_folded = _fold_batchnorm(  # net is already a private copy
+            net,
+            probe,
+            fuse_act=fuse,
+            keep=tuple(m for m in self.layer_modules if m),
+            copy_model=False,
         )
         if n_folded or n_static:
             try:
@@ -1137,10 +1146,7 @@ class PretrainedCNNFeatures(TransformerMixin, BaseEstimator):
             self.input_size_,
             compiled,
         )
-        with _RUNNER_LOCK:
-            runner = _RUNNER_CACHE.get(key)
-            if runner is not None:
-                _RUNNER_CACHE.move_to_end(key)
+        runner = _RUNNER_CACHE.get(key)
         if runner is None:
             runner = _Runner(
                 self.model_,
@@ -1151,10 +1157,7 @@ class PretrainedCNNFeatures(TransformerMixin, BaseEstimator):
                 precision=self.precision_,
                 compiled=compiled,
             )
-            with _RUNNER_LOCK:
-                _RUNNER_CACHE[key] = runner
-                while len(_RUNNER_CACHE) > _RUNNER_CACHE_SIZE:
-                    _RUNNER_CACHE.popitem(last=False)
+            _RUNNER_CACHE.put(key, runner)
         self._fast = runner
         return runner
 

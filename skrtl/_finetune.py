@@ -678,7 +678,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         nets, histories, best_epochs = [], [], []
         X_net = None
         for member, (tr_idx, va_idx) in enumerate(splits):
-            member_seed = (seed + 7919 * member) % (2**31)
+            member_seed = _member_seed(seed, member)
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(member_seed)
                 model = _create_model(
@@ -811,7 +811,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
                     idx_all,
                     test_size=n_val,
                     stratify=y_enc,
-                    random_state=(seed + 7919 * member) % (2**31),
+                    random_state=_member_seed(seed, member),
                 )
                 for member in range(n_members)
             ]
@@ -1008,6 +1008,11 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         tags.classifier_tags.multi_class = True
         tags.classifier_tags.poor_score = True
         return tags
+
+
+def _member_seed(seed: int, member: int) -> int:
+    """Seed of ensemble member ``member`` (member 0 keeps the estimator's seed)."""
+    return (seed + 7919 * member) % (2**31)
 
 
 def _named_params_of(root: nn.Module, sub: nn.Module):
