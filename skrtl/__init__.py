@@ -10,6 +10,7 @@ from ._adabn import AdaBN, bn_layers, reestimate_bn_stats
 from ._advisor import StrategyAdvice, suggest_strategy
 from ._backbone import (
     DEFAULT_BACKBONE,
+    EMBEDDED_BACKBONES,
     BackboneWeightsError,
     TransferLayer,
     backbone_data_config,
@@ -17,6 +18,7 @@ from ._backbone import (
     get_transfer_layers,
     load_backbone,
 )
+from ._base import HarmonizationWarning
 from ._calibration import BiasCorrectedTemperatureScaling, TemperatureScaling, VectorScaling
 from ._combat import ComBatHarmonizer, ComBatWarning
 from ._diagnostics import MMDResult, ShiftDiagnosis, diagnose_shift, mmd_test, proxy_a_distance
@@ -24,7 +26,6 @@ from ._features import PretrainedCNNFeatures, clear_feature_cache, feature_cache
 from ._finetune import FineTuneClassifier
 from ._harmonize import (
     CT_WINDOWS,
-    HarmonizationWarning,
     HistogramMatcher,
     IntensityStandardizer,
     IntensityWindow,
@@ -40,8 +41,11 @@ from ._label_shift import (
     prior_shift_class_weight,
     prior_shift_sample_weight,
 )
+from ._pruning import CVMedianPruner
 from ._radiomics import RADIOMICS_FEATURE_CLASSES, RadiomicsFeatures, otsu_mask
-from ._search import CVMedianPruner, TransferSearchCV, transfer_search_space
+from ._search import TransferSearchCV
+from ._search_display import TransferSearchDisplay
+from ._search_space import transfer_search_space
 from ._survival import (
     CoxPHSurvival,
     SelectKBestSurvival,
@@ -51,12 +55,14 @@ from ._survival import (
     make_concordance_scorer,
     make_survival_target,
 )
+from ._transfer import layerwise_param_groups
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CT_WINDOWS",
     "DEFAULT_BACKBONE",
+    "EMBEDDED_BACKBONES",
     "RADIOMICS_FEATURE_CLASSES",
     "AdaBN",
     "BackboneWeightsError",
@@ -82,6 +88,7 @@ __all__ = [
     "TemperatureScaling",
     "TransferLayer",
     "TransferSearchCV",
+    "TransferSearchDisplay",
     "VectorScaling",
     "__version__",
     "adjust_posteriors",
@@ -98,6 +105,7 @@ __all__ = [
     "feature_cache_info",
     "get_transfer_layers",
     "kaplan_meier",
+    "layerwise_param_groups",
     "load_backbone",
     "make_concordance_scorer",
     "make_image_frame",

@@ -8,17 +8,17 @@ the running mean and variance of every BatchNorm layer on unlabelled images of t
 and changes nothing else: no weight is touched, no label is needed.
 
 :class:`AdaBN` wraps a skrtl image estimator that runs a torch network (the CNN feature
-transformer or the fine-tuning classifier) through two private hooks:
-
-* ``_skrtl_torch_module()`` returns the network;
-* ``_skrtl_iter_inputs(X, batch_size)`` yields the preprocessed network input batches;
-
-and, after changing statistics, calls ``_skrtl_invalidate_cache()`` when present.
+transformer or the fine-tuning classifier) through the torch network protocol of
+:class:`skrtl._base.TorchNetworkMixin`. Every adapted site gets its own copy of the fitted
+estimator with that site's statistics, so no statistics are ever swapped in a shared network:
+concurrent calls for different sites (threads, web services) cannot see each other's state.
 """
 
 from __future__ import annotations
 
 import copy
+import threading
+import warnings
 from collections.abc import Iterable
 from numbers import Integral, Real
 
@@ -27,12 +27,30 @@ import pandas as pd
 import torch
 from sklearn.base import BaseEstimator, MetaEstimatorMixin, TransformerMixin, _fit_context, clone
 from sklearn.utils import get_tags
+from sklearn.utils._metadata_requests import (
+    MetadataRouter,
+    MethodMapping,
+    _routing_enabled,
+    process_routing,
+)
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from ._base import (
+    DEFAULT_SITE_COLUMN,
+    HarmonizationWarning,
+    resolve_unseen,
+    site_labels,
+    unseen_constraint,
+)
+from .utils import forward_hooks
+
 __all__ = ["AdaBN", "bn_input_moments", "bn_layers", "reestimate_bn_stats"]
+
+# fewer target images than this give noisy BatchNorm statistics (a warning says so)
+_MIN_ADAPT_IMAGES = 8
 
 _SOURCE = "__source__"
 _TARGET = "__target__"
@@ -88,10 +106,6 @@ def _load_bn_state(module: nn.Module, state: dict) -> None:
             layers[name].running_var.copy_(var)
 
 
-def _n_rows(X) -> int:
-    return len(X) if hasattr(X, "__len__") else len(np.asarray(X))
-
-
 def _module_device(module: nn.Module) -> torch.device:
     for t in list(module.parameters()) + list(module.buffers()):
         return t.device
@@ -143,19 +157,17 @@ def bn_input_moments(
         return hook
 
     was_training = {m: m.training for m in module.modules()}
-    handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in layers]
     device = _module_device(module)
     try:
         module.eval()
-        with torch.no_grad():
-            for b, batch in enumerate(batches):
-                if n_batches is not None and b >= n_batches:
-                    break
-                x = batch[0] if isinstance(batch, tuple | list) else batch
-                module(x.to(device))
+        with forward_hooks([(m, make_hook(name)) for name, m in layers], pre=True):
+            with torch.no_grad():
+                for b, batch in enumerate(batches):
+                    if n_batches is not None and b >= n_batches:
+                        break
+                    x = batch[0] if isinstance(batch, tuple | list) else batch
+                    module(x.to(device))
     finally:
-        for h in handles:
-            h.remove()
         for m, flag in was_training.items():
             m.train(flag)
     if not acc:
@@ -214,7 +226,6 @@ def reestimate_bn_stats(
         )
     was_training = {m: m.training for m in module.modules()}
     acc: dict[str, list] = {}
-    handles = []
     current = _bn_state(module) if match is not None else {}
 
     def make_hook(name):
@@ -249,18 +260,15 @@ def reestimate_bn_stats(
     device = _module_device(module)
     try:
         module.eval()
-        for name, m in layers:
-            handles.append(m.register_forward_pre_hook(make_hook(name)))
-        with torch.no_grad():
-            for b, batch in enumerate(batches):
-                if n_batches is not None and b >= n_batches:
-                    break
-                x = batch[0] if isinstance(batch, tuple | list) else batch
-                module(x.to(device))
-                n_seen += int(x.shape[0])
+        with forward_hooks([(m, make_hook(name)) for name, m in layers], pre=True):
+            with torch.no_grad():
+                for b, batch in enumerate(batches):
+                    if n_batches is not None and b >= n_batches:
+                        break
+                    x = batch[0] if isinstance(batch, tuple | list) else batch
+                    module(x.to(device))
+                    n_seen += int(x.shape[0])
     finally:
-        for h in handles:
-            h.remove()
         for m, flag in was_training.items():
             m.train(flag)
     if n_seen == 0:
@@ -298,36 +306,37 @@ def _inner_has(attr):
 
 
 def _default_estimator():
-    try:
-        from ._features import PretrainedCNNFeatures
-    except ImportError as exc:  # pragma: no cover - depends on the tree
-        raise ImportError(
-            "AdaBN(estimator=None) uses skrtl's PretrainedCNNFeatures, which is not available; "
-            "pass estimator=... explicitly."
-        ) from exc
+    from ._features import PretrainedCNNFeatures
+
     return PretrainedCNNFeatures()
 
 
+def _rows(X, rows):
+    if isinstance(X, pd.DataFrame):
+        return X.iloc[rows]
+    return np.asarray(X)[rows]
+
+
 class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
-    """Adaptive BatchNorm: per-domain BatchNorm statistics for a CNN image estimator.
+    """Adaptive BatchNorm: per-site BatchNorm statistics for a CNN image estimator.
 
     ``fit`` fits (a clone of) ``estimator`` on labelled source images; ``adapt`` re-estimates
     the running mean and variance of every BatchNorm layer on *unlabelled* target images (per
-    target site when the target image frame has a ``site`` column) and stores one set of
-    statistics per domain. ``transform`` / ``predict`` / ``predict_proba`` /
-    ``decision_function`` run each sample through the network with the statistics of its
-    domain. No weight is ever changed.
+    target site when the target image frame has a site column) and keeps one copy of the
+    fitted estimator per site with that site's statistics. ``transform`` / ``predict`` /
+    ``predict_proba`` / ``decision_function`` run each sample through the copy of its site. No
+    weight is ever changed.
 
     Parameters
     ----------
     estimator : estimator, default=None
-        A skrtl torch image estimator implementing ``_skrtl_torch_module`` and
-        ``_skrtl_iter_inputs`` (:class:`~skrtl.PretrainedCNNFeatures` by default, or the
-        fine-tuning classifier). To adapt an *already fitted* estimator, wrap it in
-        :class:`sklearn.frozen.FrozenEstimator` (it is deep-copied, never modified in place).
-    domains : {"site"} or None, default="site"
-        ``"site"``: the domain of a sample is the image frame's ``site`` column (or the routed
-        ``sample_domain``), statistics are estimated and applied per site. ``None``: the site
+        A skrtl torch image estimator (:class:`~skrtl.PretrainedCNNFeatures` by default, or
+        :class:`~skrtl.FineTuneClassifier`; any estimator implementing the protocol of
+        :class:`skrtl._base.TorchNetworkMixin`). To adapt an *already fitted* estimator, wrap it
+        in :class:`sklearn.frozen.FrozenEstimator` (it is deep-copied, never modified).
+    site_column : str or None, default="site"
+        Column of the image frame holding each sample's site (the routed ``sample_domain``
+        takes precedence). Statistics are estimated and applied per site. ``None``: the site
         column is ignored and all target images form one domain; after ``adapt`` every
         transformed sample uses the target statistics (unless ``sample_domain`` is routed).
     source_stats : {"match", "recompute", "keep"}, default="match"
@@ -339,12 +348,14 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         (source-anchored): keep the network's statistics for the source domain and give each
         target domain the statistics under which its BatchNorm outputs have the moments the
         source images have with the network's statistics: source features are unchanged
-        (the probe's source accuracy too), target features are moved onto them. Best for a
+        (the probe's source accuracy too), target features are moved onto them. Suited to a
         frozen ImageNet feature extractor on grey-level images, where ``"recompute"``
         amplifies near-constant channels (e.g. colour-opponent stem filters).
-    unseen : {"error", "source"}, default="error"
-        A sample whose site was neither adapted nor seen in ``fit``: raise, or use the source
-        statistics.
+    unseen : {"error", "reference", "batch"}, default="error"
+        A sample whose site was neither adapted nor seen in ``fit``: raise; use the source
+        statistics (``"reference"``); or estimate that site's statistics from its images in
+        the batch being transformed (``"batch"``, test-time adaptation, with a
+        :class:`~skrtl.HarmonizationWarning`; nothing is stored).
     momentum : float in (0, 1] or None, default=None
         ``None``: exact pooled moments of the target activations; a float: exponential moving
         average (PyTorch's convention) from reset statistics.
@@ -358,7 +369,7 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
     Attributes
     ----------
     estimator_ : estimator
-        The fitted inner estimator (its network holds the source statistics between calls).
+        The fitted inner estimator, holding the source statistics.
     bn_stats_ : dict
         Domain -> {BatchNorm layer name: (running_mean, running_var)}; the source statistics
         are stored under ``"__source__"``.
@@ -375,15 +386,20 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
     ``X_target`` (``fit(X, y, X_target=X_unlabelled)``; in a Pipeline ``step__X_target=...``,
     in :func:`~sklearn.model_selection.cross_validate` ``params={"adabn__X_target": ...}``): the
     unlabelled target images are not split by the CV, which is correct because they carry no
-    label. Frozen BatchNorm layers (``FrozenBatchNorm2d``, ``FrozenBatchNormAct2d``) are
+    label. Target rows of a *source* site are refused: a site seen in ``fit`` keeps the source
+    statistics. Frozen BatchNorm layers (``FrozenBatchNorm2d``, ``FrozenBatchNormAct2d``) are
     re-estimated too: during the pass they are made to normalise with batch statistics.
 
     ``fit_transform`` (what a Pipeline calls during ``fit``) transforms the source rows with the
-    source statistics. Domains can also be routed, skada-style, instead of a ``site`` column:
+    source statistics. Domains can also be routed, skada-style, instead of a site column:
     inside ``sklearn.config_context(enable_metadata_routing=True)`` request them with
     ``set_fit_request(X_target=True, target_domain=True, sample_domain=True)`` and
-    ``set_transform_request(sample_domain=True)`` (sklearn requires ``fit`` and ``transform``
-    to agree on ``sample_domain``).
+    ``set_transform_request(sample_domain=True)``; other fit parameters (e.g.
+    ``sample_weight``) are routed to the inner estimator as it requests them.
+
+    Thread safety: after ``fit`` / ``adapt``, ``transform`` and the prediction methods may be
+    called from several threads at once; each site's copy serialises its own forward passes.
+    ``fit`` and ``adapt`` must not run concurrently with other calls.
 
     Examples
     --------
@@ -394,9 +410,9 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
 
     _parameter_constraints: dict = {
         "estimator": [HasMethods(["fit"]), None],
-        "domains": [StrOptions({"site"}), None],
+        "site_column": [str, None],
         "source_stats": [StrOptions({"recompute", "keep", "match"})],
-        "unseen": [StrOptions({"error", "source"})],
+        "unseen": unseen_constraint(),
         "momentum": [Interval(Real, 0, 1, closed="right"), None],
         "n_batches": [Interval(Integral, 1, None, closed="left"), None],
         "batch_size": [Interval(Integral, 1, None, closed="left"), None],
@@ -406,7 +422,7 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         self,
         estimator=None,
         *,
-        domains="site",
+        site_column=DEFAULT_SITE_COLUMN,
         source_stats="match",
         unseen="error",
         momentum=None,
@@ -414,7 +430,7 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         batch_size=None,
     ):
         self.estimator = estimator
-        self.domains = domains
+        self.site_column = site_column
         self.source_stats = source_stats
         self.unseen = unseen
         self.momentum = momentum
@@ -422,7 +438,11 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         self.batch_size = batch_size
 
     # ----------------------------------------------------------------------------------------
-    def _check_hooks(self, est):
+    def _base_estimator(self):
+        return self.estimator if self.estimator is not None else _default_estimator()
+
+    @staticmethod
+    def _check_protocol(est):
         for hook in ("_skrtl_torch_module", "_skrtl_iter_inputs"):
             if not callable(getattr(est, hook, None)):
                 raise TypeError(
@@ -431,50 +451,60 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
                     f"{type(est).__name__}."
                 )
 
-    def _module(self) -> nn.Module:
-        module = self.estimator_._skrtl_torch_module()
+    @staticmethod
+    def _module_of(est) -> nn.Module:
+        module = est._skrtl_torch_module()
         if not isinstance(module, nn.Module):
             raise TypeError(
-                f"{type(self.estimator_).__name__}._skrtl_torch_module() returned "
+                f"{type(est).__name__}._skrtl_torch_module() returned "
                 f"{type(module).__name__}, not a torch.nn.Module."
             )
         return module
 
-    def _invalidate(self):
-        inv = getattr(self.estimator_, "_skrtl_invalidate_cache", None)
+    @staticmethod
+    def _invalidate(est) -> None:
+        inv = getattr(est, "_skrtl_invalidate_cache", None)
         if callable(inv):
             inv()
 
-    def _batches(self, X):
-        kwargs = {} if self.batch_size is None else {"batch_size": self.batch_size}
-        return self.estimator_._skrtl_iter_inputs(X, **kwargs)
+    @staticmethod
+    def _copy_of(est):
+        """A copy of the fitted estimator that owns its network (its state may change)."""
+        make = getattr(est, "_skrtl_network_copy", None)
+        return make() if callable(make) else copy.deepcopy(est)
 
-    def _estimate(self, X, match=None) -> tuple[dict, int]:
-        module = self._module()
+    def _batches(self, est, X):
+        kwargs = {} if self.batch_size is None else {"batch_size": self.batch_size}
+        return est._skrtl_iter_inputs(X, **kwargs)
+
+    def _labels(self, X, sample_domain):
+        return site_labels(
+            X, site_column=self.site_column, sample_domain=sample_domain, name="AdaBN"
+        )
+
+    def _adapted_copy(self, X, label: str):
+        """A copy of ``estimator_`` with BatchNorm statistics estimated on ``X``."""
+        est = self._copy_of(self.estimator_)
+        module = self._module_of(est)
+        _load_bn_state(module, self.bn_stats_[_SOURCE])
         n = reestimate_bn_stats(
             module,
-            self._batches(X),
+            self._batches(est, X),
             momentum=self.momentum,
             n_batches=self.n_batches,
-            match=match,
+            match=self._source_moments,
         )
-        state = _bn_state(module)
-        return state, n
-
-    def _labels(self, X, sample_domain, name):
-        """Domain of every row: routed ``sample_domain``, else the site column, else None."""
-        n = _n_rows(X)
-        if sample_domain is not None:
-            labels = np.asarray([str(d) for d in np.asarray(sample_domain).ravel()], dtype=object)
-            if np.ndim(sample_domain) != 1 or labels.shape != (n,):
-                raise ValueError(
-                    f"{name} must have shape ({n},) (one domain per row of X), got "
-                    f"{np.shape(sample_domain)!r}."
-                )
-            return labels
-        if self.domains == "site" and isinstance(X, pd.DataFrame) and "site" in X.columns:
-            return np.asarray([str(s) for s in X["site"].to_numpy()], dtype=object)
-        return None
+        self._invalidate(est)
+        if n < _MIN_ADAPT_IMAGES:
+            warnings.warn(
+                f"AdaBN: the statistics of site {label!r} come from {n} network image(s); "
+                f"with fewer than {_MIN_ADAPT_IMAGES} the BatchNorm moments are noisy and the "
+                "adapted features may be worse than unadapted ones. Adapt on more unlabelled "
+                "images of that site.",
+                HarmonizationWarning,
+                stacklevel=4,
+            )
+        return est, _bn_state(module), n
 
     # ----------------------------------------------------------------------------------------
     @_fit_context(prefer_skip_nested_validation=False)
@@ -491,47 +521,52 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         X_target : ndarray or image frame, optional
             Unlabelled target images (see :meth:`adapt`).
         sample_domain : array-like of shape (n_samples,), optional
-            Domain (site) of each source row, instead of the frame's ``site`` column
-            (metadata routing, skada's name). Source domains are routed to the source
-            statistics at transform time.
+            Site of each source row, instead of the frame's site column (metadata routing,
+            skada's name). Source sites are routed to the source statistics at transform time.
         target_domain : array-like of shape (n_target,), optional
-            Domain of each row of ``X_target`` (passed to :meth:`adapt` as its
+            Site of each row of ``X_target`` (passed to :meth:`adapt` as its
             ``sample_domain``).
         **fit_params
-            Passed to the inner estimator's ``fit``.
+            Passed to the inner estimator's ``fit`` (with metadata routing enabled: routed
+            as the inner estimator requests them).
 
         Returns
         -------
         self
         """
-        base = self.estimator if self.estimator is not None else _default_estimator()
+        resolve_unseen(self.unseen, "AdaBN")  # a deprecated option name warns once per fit
+        base = self._base_estimator()
         est = clone(base)
         if est is base:  # FrozenEstimator (already fitted): never modify the user's object
             est = copy.deepcopy(base)
-        self._check_hooks(est)
+        self._check_protocol(est)
+        if _routing_enabled():
+            fit_params = process_routing(self, "fit", **fit_params).estimator.fit
         if y is None:
             est.fit(X, **fit_params)
         else:
             est.fit(X, y, **fit_params)
         self.estimator_ = est
-        sites = self._labels(X, sample_domain, "sample_domain")
+        sites = self._labels(X, sample_domain)
         self.source_sites_ = sorted(set(sites)) if sites is not None else []
         self.domains_ = []
         self.n_adapt_samples_ = {}
         self.bn_stats_ = {}
-        module = self._module()
+        self._variants = {}
+        self._lock = threading.Lock()
+        module = self._module_of(est)
         self._source_moments = None
         if self.source_stats == "recompute":
-            state, n = self._estimate(X)
+            n = reestimate_bn_stats(
+                module, self._batches(est, X), momentum=self.momentum, n_batches=self.n_batches
+            )
             self.n_adapt_samples_[_SOURCE] = n
-        else:
-            state = _bn_state(module)
-            if self.source_stats == "match":
-                self._source_moments = bn_input_moments(
-                    module, self._batches(X), n_batches=self.n_batches
-                )
-        self.bn_stats_[_SOURCE] = state
-        self._invalidate()
+        elif self.source_stats == "match":
+            self._source_moments = bn_input_moments(
+                module, self._batches(est, X), n_batches=self.n_batches
+            )
+        self.bn_stats_[_SOURCE] = _bn_state(module)
+        self._invalidate(est)
         if hasattr(est, "n_features_in_"):
             self.n_features_in_ = est.n_features_in_
         if hasattr(est, "feature_names_in_"):
@@ -541,115 +576,126 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         elif target_domain is not None:
             raise ValueError(
                 "target_domain was given without X_target; pass the unlabelled target images as "
-                "X_target=... together with their domains."
+                "X_target=... together with their sites."
             )
         return self
 
     def adapt(self, X_target, *, sample_domain=None):
-        """Re-estimate BatchNorm statistics on unlabelled target images, per domain.
+        """Re-estimate BatchNorm statistics on unlabelled target images, per site.
 
         Parameters
         ----------
         X_target : ndarray or image frame
-            Unlabelled target images. With ``domains="site"`` and a ``site`` column, one set of
+            Unlabelled target images. With a site column (``site_column``) one set of
             statistics is estimated per site; otherwise all images form one target domain.
         sample_domain : array-like of shape (n_target,), optional
-            Domain label of each target image, overriding the ``site`` column (skada's name;
-            used whatever ``domains`` is).
+            Site of each target image, overriding the site column (skada's name; used
+            whatever ``site_column`` is).
 
         Returns
         -------
         self
         """
         check_is_fitted(self, "bn_stats_")
-        n = _n_rows(X_target)
-        labels = self._labels(X_target, sample_domain, "sample_domain")
-        if labels is None:
-            labels = np.full(n, _TARGET, dtype=object)  # a single target domain
+        n = len(X_target) if hasattr(X_target, "__len__") else np.asarray(X_target).shape[0]
         if n == 0:
             raise ValueError("AdaBN got no target image: X_target is empty.")
-        module = self._module()
-        try:
-            for dom in sorted(set(labels)):
-                rows = np.flatnonzero(labels == dom)
-                Xd = (
-                    X_target.iloc[rows]
-                    if isinstance(X_target, pd.DataFrame)
-                    else (np.asarray(X_target)[rows])
-                )
-                _load_bn_state(module, self.bn_stats_[_SOURCE])
-                state, n_rows = self._estimate(Xd, match=self._source_moments)
+        labels = self._labels(X_target, sample_domain)
+        if labels is None:
+            labels = np.full(n, _TARGET, dtype=object)  # a single target domain
+        clash = sorted(set(labels) & set(self.source_sites_))
+        if clash:
+            raise ValueError(
+                f"AdaBN.adapt got target images of the source sites {clash!r} (seen in fit). "
+                "A source site keeps the source statistics, so adapting it would change what "
+                "fit_transform returned for the training rows. Pass only images of new sites "
+                "(or label them as a different site)."
+            )
+        for dom in sorted(set(labels)):
+            Xd = _rows(X_target, np.flatnonzero(labels == dom))
+            variant, state, n_rows = self._adapted_copy(Xd, dom)
+            with self._lock:
                 self.bn_stats_[dom] = state
+                self._variants[dom] = variant
                 self.n_adapt_samples_[dom] = n_rows
                 if dom not in self.domains_:
                     self.domains_.append(dom)
-        finally:
-            _load_bn_state(module, self.bn_stats_[_SOURCE])
-            self._invalidate()
         return self
 
     # ----------------------------------------------------------------------------------------
-    def _route(self, X, sample_domain=None) -> np.ndarray:
-        """Domain key (a key of ``bn_stats_``) of every row of ``X``."""
-        n = _n_rows(X)
-        labels = self._labels(X, sample_domain, "sample_domain")
+    def _variant(self, key):
+        """The estimator holding the statistics of domain ``key`` (built once, then reused)."""
+        if key == _SOURCE:
+            return self.estimator_
+        with self._lock:
+            est = self._variants.get(key)
+            if est is None:  # e.g. after unpickling: rebuild from the stored statistics
+                est = self._copy_of(self.estimator_)
+                _load_bn_state(self._module_of(est), self.bn_stats_[key])
+                self._invalidate(est)
+                self._variants[key] = est
+        return est
+
+    def _route(self, X, sample_domain=None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Domain key of every row of ``X`` (keys of ``bn_stats_``, or a batch site)."""
+        n = len(X) if hasattr(X, "__len__") else np.asarray(X).shape[0]
+        labels = self._labels(X, sample_domain)
         if labels is None:
             adapted = list(self.domains_)
             if not adapted:
-                return np.full(n, _SOURCE, dtype=object)
+                return np.full(n, _SOURCE, dtype=object), None
             if adapted == [_TARGET]:
-                return np.full(n, _TARGET, dtype=object)
+                return np.full(n, _TARGET, dtype=object), None
             raise ValueError(
-                f"AdaBN(domains='site') was adapted to sites {adapted!r} but X has no 'site' "
-                "column to pick the statistics of each sample. Pass an image frame with sites "
-                "(skrtl.make_image_frame(images, sites=...)), route sample_domain=..., or use "
-                "domains=None."
+                f"AdaBN was adapted to sites {adapted!r} but X has no site column "
+                f"(site_column={self.site_column!r}) to pick the statistics of each sample. "
+                "Pass an image frame with sites (skrtl.make_image_frame(images, sites=...)), "
+                "route sample_domain=..., or use site_column=None."
             )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # already said in fit
+            unseen = resolve_unseen(self.unseen, "AdaBN")
         keys = np.empty(n, dtype=object)
-        bad = set()
+        unknown = set()
         for i, s in enumerate(labels):
             if s in self.bn_stats_:
                 keys[i] = s
-            elif s in self.source_sites_ or self.unseen == "source":
+            elif s in self.source_sites_ or unseen == "reference":
                 keys[i] = _SOURCE
             else:
-                bad.add(s)
-        if bad:
+                keys[i] = s
+                unknown.add(s)
+        if unknown and unseen == "error":
             raise ValueError(
-                f"sites {sorted(bad)!r} were neither adapted (adapted: {self.domains_!r}) nor "
+                f"sites {sorted(unknown)!r} were neither adapted (adapted: {self.domains_!r}) nor "
                 f"seen in fit (source sites: {self.source_sites_!r}). Call adapt() with "
-                "unlabelled images of those sites, or set unseen='source' to use the source "
-                "statistics for them."
+                "unlabelled images of those sites, set unseen='reference' to use the source "
+                "statistics for them, or unseen='batch' to estimate them from the batch."
             )
-        return keys
+        return keys, labels
 
     def _per_domain(self, method: str, X, sample_domain=None, *, source=False):
         check_is_fitted(self, "bn_stats_")
-        keys = np.full(_n_rows(X), _SOURCE, dtype=object) if source else None
-        if keys is None:
-            keys = self._route(X, sample_domain)
-        module = self._module()
-        func = getattr(self.estimator_, method)
+        if source:
+            return getattr(self.estimator_, method)(X)
+        keys, _ = self._route(X, sample_domain)
         groups = sorted(set(keys), key=lambda k: (k != _SOURCE, str(k)))
-        if len(groups) == 1:
-            rows_all = [np.arange(len(keys))]
-        else:
-            rows_all = [np.flatnonzero(keys == g) for g in groups]
-        outs = []
-        try:
-            for g, rows in zip(groups, rows_all):
-                _load_bn_state(module, self.bn_stats_[g])
-                self._invalidate()
-                if len(groups) == 1:
-                    Xg = X
-                elif isinstance(X, pd.DataFrame):
-                    Xg = X.iloc[rows]
-                else:
-                    Xg = np.asarray(X)[rows]
-                outs.append(func(Xg))
-        finally:
-            _load_bn_state(module, self.bn_stats_[_SOURCE])
-            self._invalidate()
+        outs, rows_all = [], []
+        for g in groups:
+            rows = np.flatnonzero(keys == g) if len(groups) > 1 else np.arange(len(keys))
+            Xg = X if len(groups) == 1 else _rows(X, rows)
+            if g in self.bn_stats_:
+                est = self._variant(g)
+            else:  # unseen="batch": statistics of this site's rows in the batch, not stored
+                warnings.warn(
+                    f"AdaBN: site {g!r} was not adapted; its BatchNorm statistics are estimated "
+                    f"from its {rows.size} images in this batch (unseen='batch').",
+                    HarmonizationWarning,
+                    stacklevel=3,
+                )
+                est, _, _ = self._adapted_copy(Xg, g)
+            outs.append(getattr(est, method)(Xg))
+            rows_all.append(rows)
         if len(groups) == 1:
             return outs[0]
         if isinstance(outs[0], pd.DataFrame):
@@ -663,13 +709,13 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
 
     @available_if(_inner_has("transform"))
     def transform(self, X, *, sample_domain=None):
-        """Inner ``transform`` with the BatchNorm statistics of each sample's domain.
+        """Inner ``transform`` with the BatchNorm statistics of each sample's site.
 
         Parameters
         ----------
         X : ndarray or image frame
         sample_domain : array-like of shape (n_samples,), optional
-            Domain of each row (metadata routing), instead of the frame's ``site`` column.
+            Site of each row (metadata routing), instead of the frame's site column.
         """
         return self._per_domain("transform", X, sample_domain)
 
@@ -695,37 +741,37 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
 
     @available_if(_inner_has("predict"))
     def predict(self, X, *, sample_domain=None):
-        """Inner ``predict`` with the BatchNorm statistics of each sample's domain.
+        """Inner ``predict`` with the BatchNorm statistics of each sample's site.
 
         Parameters
         ----------
         X : ndarray or image frame
         sample_domain : array-like of shape (n_samples,), optional
-            Domain of each row (metadata routing), instead of the frame's ``site`` column.
+            Site of each row (metadata routing), instead of the frame's site column.
         """
         return self._per_domain("predict", X, sample_domain)
 
     @available_if(_inner_has("predict_proba"))
     def predict_proba(self, X, *, sample_domain=None):
-        """Inner ``predict_proba`` with the BatchNorm statistics of each sample's domain.
+        """Inner ``predict_proba`` with the BatchNorm statistics of each sample's site.
 
         Parameters
         ----------
         X : ndarray or image frame
         sample_domain : array-like of shape (n_samples,), optional
-            Domain of each row (metadata routing), instead of the frame's ``site`` column.
+            Site of each row (metadata routing), instead of the frame's site column.
         """
         return self._per_domain("predict_proba", X, sample_domain)
 
     @available_if(_inner_has("decision_function"))
     def decision_function(self, X, *, sample_domain=None):
-        """Inner ``decision_function`` with the BatchNorm statistics of each sample's domain.
+        """Inner ``decision_function`` with the BatchNorm statistics of each sample's site.
 
         Parameters
         ----------
         X : ndarray or image frame
         sample_domain : array-like of shape (n_samples,), optional
-            Domain of each row (metadata routing), instead of the frame's ``site`` column.
+            Site of each row (metadata routing), instead of the frame's site column.
         """
         return self._per_domain("decision_function", X, sample_domain)
 
@@ -754,13 +800,40 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         return self.estimator_.get_feature_names_out(input_features)
 
     def _skrtl_torch_module(self) -> nn.Module:
-        """The inner network (holds the source statistics between calls)."""
+        """The inner network (it holds the source statistics)."""
         check_is_fitted(self, "estimator_")
-        return self._module()
+        return self._module_of(self.estimator_)
+
+    def get_metadata_routing(self):
+        """Metadata routing of this meta-estimator: its own parameters, then the inner fit's.
+
+        Returns
+        -------
+        sklearn.utils.metadata_routing.MetadataRouter
+        """
+        return (
+            MetadataRouter(owner=type(self).__name__)
+            .add_self_request(self)
+            .add(
+                estimator=self._base_estimator(),
+                method_mapping=MethodMapping().add(caller="fit", callee="fit"),
+            )
+        )
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        state["_variants"] = {}  # rebuilt from bn_stats_ on first use
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if "bn_stats_" in state:
+            self._lock = threading.Lock()
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        base = self.estimator if self.estimator is not None else None
+        base = self.estimator
         if base is not None:
             inner = get_tags(base)
             tags.estimator_type = inner.estimator_type

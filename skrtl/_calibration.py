@@ -23,15 +23,15 @@ from scipy.special import log_softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+
+from .utils import PROBA_FLOOR
 
 __all__ = [
     "BiasCorrectedTemperatureScaling",
     "TemperatureScaling",
     "VectorScaling",
 ]
-
-_PROBA_FLOOR = 1e-15
 
 
 def _to_logits(X: np.ndarray, inputs: str, n_classes: int, name: str) -> np.ndarray:
@@ -61,7 +61,7 @@ def _to_logits(X: np.ndarray, inputs: str, n_classes: int, name: str) -> np.ndar
             f"{name}(inputs='proba') needs probabilities in [0, 1]; got values in "
             f"[{X.min()!r}, {X.max()!r}]. Pass logits with inputs='logits'."
         )
-    return np.log(np.clip(X, _PROBA_FLOOR, None))
+    return np.log(np.clip(X, PROBA_FLOOR, None))
 
 
 class _ScalingCalibrator(ClassifierMixin, BaseEstimator):
@@ -102,8 +102,8 @@ class _ScalingCalibrator(ClassifierMixin, BaseEstimator):
         return np.concatenate(parts)
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y):
-        """Fit the scaling parameters by minimising the log-loss.
+    def fit(self, X, y, sample_weight=None):
+        """Fit the scaling parameters by minimising the (weighted) log-loss.
 
         Parameters
         ----------
@@ -113,6 +113,8 @@ class _ScalingCalibrator(ClassifierMixin, BaseEstimator):
             One column is accepted for binary problems (positive-class logit or probability).
         y : array-like of shape (n_samples,)
             True labels.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Weights of the samples in the log-loss.
 
         Returns
         -------
@@ -120,6 +122,7 @@ class _ScalingCalibrator(ClassifierMixin, BaseEstimator):
             Fitted calibrator.
         """
         X, y = validate_data(self, X, y, dtype=np.float64)
+        w = _check_sample_weight(sample_weight, X, dtype=np.float64)
         check_classification_targets(y)
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         k = len(self.classes_)
@@ -131,13 +134,17 @@ class _ScalingCalibrator(ClassifierMixin, BaseEstimator):
         z = _to_logits(X, self.inputs, k, name)
         onehot = np.eye(k)[y_idx]
         n = len(y_idx)
+        total = float(w.sum())
+        if not total > 0:
+            raise ValueError(f"{name}: sample_weight sums to {total!r}; it must be positive.")
+        w = w / total
 
         def objective(theta):
             scale, bias = self._unpack(theta, k)
             s = z * scale + bias
             logp = log_softmax(s, axis=1)
-            loss = -np.sum(logp[np.arange(n), y_idx]) / n
-            resid = (np.exp(logp) - onehot) / n  # d loss / d s
+            loss = -np.sum(w * logp[np.arange(n), y_idx])
+            resid = w[:, None] * (np.exp(logp) - onehot)  # d loss / d s
             grads = []
             if self._use_vector:
                 grads.append(np.sum(resid * z, axis=0))

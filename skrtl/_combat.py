@@ -25,13 +25,28 @@ from numbers import Integral
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
-from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted
+
+from ._base import DEFAULT_SITE_COLUMN, HarmonizationWarning, resolve_unseen, unseen_constraint
 
 __all__ = ["ComBatHarmonizer", "ComBatWarning"]
 
 
-class ComBatWarning(UserWarning):
+def _check_finite(X: np.ndarray, names: list[str], estimator_name: str) -> None:
+    """Raise naming the first rows and columns of NaN / infinite features."""
+    bad = ~np.isfinite(X)
+    if bad.any():
+        rows, cols = np.nonzero(bad)
+        where = ", ".join(f"row {r} column {names[c]!r}" for r, c in list(zip(rows, cols))[:5])
+        raise ValueError(
+            f"{estimator_name}: the features contain {int(bad.sum())} NaN or infinite values "
+            f"({where}{', ...' if bad.sum() > 5 else ''}). ComBat needs complete features: "
+            "impute them (e.g. sklearn.impute.SimpleImputer before this step) or drop those "
+            "rows or columns."
+        )
+
+
+class ComBatWarning(HarmonizationWarning):
     """ComBat used a documented fallback (unseen site estimated from the batch itself)."""
 
 
@@ -129,10 +144,10 @@ class ComBatHarmonizer(TransformerMixin, BaseEstimator):
         Parametric (normal / inverse-gamma prior, iterative) or non-parametric EB.
     mean_only : bool, default=False
         Correct only the additive site effect (no scaling).
-    unseen : {"error", "pooled", "fit"}, default="error"
+    unseen : {"error", "reference", "batch"}, default="error"
         What ``transform`` does with a site absent from ``fit``: ``"error"`` raises;
-        ``"pooled"`` leaves those rows unharmonized (no site effect removed: with the pooled
-        mean and variance this is the identity); ``"fit"`` estimates that site's location/scale
+        ``"reference"`` leaves those rows unharmonized (no site effect removed: with the pooled
+        mean and variance this is the identity); ``"batch"`` estimates that site's location/scale
         from the rows of the new site in the transformed batch itself (reference-free ComBat,
         needs at least 2 rows of that site; issues a :class:`ComBatWarning`).
 
@@ -180,7 +195,7 @@ class ComBatHarmonizer(TransformerMixin, BaseEstimator):
         "eb": ["boolean"],
         "parametric": ["boolean"],
         "mean_only": ["boolean"],
-        "unseen": [StrOptions({"error", "pooled", "fit"})],
+        "unseen": unseen_constraint(),
     }
 
     __metadata_request__fit = {"sample_domain": True, "sample_covariates": True}
@@ -189,7 +204,7 @@ class ComBatHarmonizer(TransformerMixin, BaseEstimator):
     def __init__(
         self,
         *,
-        site_column="site",
+        site_column=DEFAULT_SITE_COLUMN,
         covariates=None,
         eb=True,
         parametric=True,
@@ -252,8 +267,12 @@ class ComBatHarmonizer(TransformerMixin, BaseEstimator):
                     "covariates; list categorical columns in covariates=[...] or drop them."
                 )
             feature_cols = [str(c) for c in feat.columns]
+            _check_finite(feat.to_numpy(dtype=np.float64), feature_cols, type(self).__name__)
             Xf = check_array(feat, dtype=np.float64, ensure_min_samples=1)
         else:
+            arr = np.asarray(X)
+            if arr.ndim == 2 and arr.dtype.kind in "fc":
+                _check_finite(arr, [f"x{i}" for i in range(arr.shape[1])], type(self).__name__)
             if fitting:
                 Xf = check_array(X, dtype=np.float64)
                 self.n_features_in_ = Xf.shape[1]
@@ -490,15 +509,16 @@ class ComBatHarmonizer(TransformerMixin, BaseEstimator):
             )
         site_str = sites.astype(str)
         known = np.isin(site_str, self.sites_)
+        unseen = resolve_unseen(self.unseen, type(self).__name__)
         if not known.all():
             new = sorted(str(v) for v in set(site_str[~known]))
-            if self.unseen == "error":
+            if unseen == "error":
                 raise ValueError(
                     f"sites {new!r} were not seen in fit (known sites: "
                     f"{[str(v) for v in self.sites_]!r}). "
                     "ComBat can only remove the effect of a site it was fitted on. Refit "
-                    "including that site, or choose unseen='pooled' (leave those rows "
-                    "unharmonized) or unseen='fit' (estimate the site effect from those rows)."
+                    "including that site, or choose unseen='reference' (leave those rows "
+                    "unharmonized) or unseen='batch' (estimate the site effect from those rows)."
                 )
         sd = np.sqrt(self.var_pooled_)
         mod = C @ self.beta_covariates_
@@ -508,18 +528,19 @@ class ComBatHarmonizer(TransformerMixin, BaseEstimator):
             rows = site_str == lev
             if rows.any():
                 out[rows] = (s[rows] - self.gamma_star_[i]) / np.sqrt(self.delta_star_[i])
-        if not known.all() and self.unseen == "fit":
+        if not known.all() and unseen == "batch":
             active = ~self.constant_features_
             for lev in sorted(str(v) for v in set(site_str[~known])):
                 rows = site_str == lev
                 if rows.sum() < 2:
                     raise ValueError(
-                        f"unseen='fit' estimates the effect of new site {lev!r} from its rows in "
-                        f"X, but X has only {int(rows.sum())} row of it; at least 2 are needed."
+                        f"unseen='batch' estimates the effect of new site {lev!r} from its rows "
+                        f"in X, but X has only {int(rows.sum())} row of it; at least 2 are "
+                        "needed."
                     )
                 warnings.warn(
                     f"site {lev!r} was not seen in fit; its ComBat location/scale is estimated "
-                    f"from the {int(rows.sum())} rows of it in this batch (unseen='fit').",
+                    f"from the {int(rows.sum())} rows of it in this batch (unseen='batch').",
                     ComBatWarning,
                     stacklevel=2,
                 )

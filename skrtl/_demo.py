@@ -9,7 +9,6 @@ Writes ``report.md`` and PNG plots into ``output_dir`` and returns the results t
 
 from __future__ import annotations
 
-import importlib
 import time
 import traceback
 import warnings
@@ -91,14 +90,6 @@ class _Study:
 # float32 features: the example output in docs/demo.md is the same on every CPU (the default
 # precision="auto" uses bfloat16 after the first layers only where the CPU supports it)
 _PRECISION = "fp32"
-
-
-def _optional(module: str, name: str, study: _Study, purpose: str):
-    try:
-        return getattr(importlib.import_module(f"skrtl.{module}"), name)
-    except (ImportError, AttributeError) as exc:
-        study.note(f"skrtl.{module}.{name} is not available ({exc}); skipped: {purpose}.")
-        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,27 +241,6 @@ def _pca_probe(n_train: int):
     )
 
 
-def _fallback_features(frame, image_size):
-    """Pooled features of the embedded backbone (used only if PretrainedCNNFeatures is absent)."""
-    import torch
-
-    from ._backbone import backbone_data_config, load_backbone
-    from ._imaging import read_image_frame, scale_intensity, to_network_tensor
-
-    model = load_backbone()
-    cfg = backbone_data_config(model)
-    inp = read_image_frame(frame)
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(inp), 32):
-            imgs = [scale_intensity(im, method="percentile") for im in inp.images[s : s + 32]]
-            x, _ = to_network_tensor(
-                imgs, size=image_size, in_chans=3, mean=cfg["mean"], std=cfg["std"]
-            )
-            out.append(model(x).numpy())
-    return np.vstack(out)
-
-
 def _md_table(df: pd.DataFrame) -> str:
     def fmt(v):
         if isinstance(v, float | np.floating):
@@ -314,28 +284,18 @@ def _plot_examples(study, d):
 
 
 def _features(study, d, image_size, random_state):
-    """Deep features of all images: returns (F, extractor class or None)."""
-    cls = _optional(
-        "_features", "PretrainedCNNFeatures", study, "AdaBN step; using a plain backbone pass"
-    )
+    """Deep features of all images: returns (F, extractor class)."""
+    from ._features import PretrainedCNNFeatures
+
     frame = d["frame"]
     t0 = time.perf_counter()
-    F = None
-    if cls is not None:
-        try:
-            ext = cls(input_size=image_size, batch_size=32, precision=_PRECISION, verbose=0)
-            ext.fit(frame.iloc[d["train"]])
-            F = np.asarray(ext.transform(frame), dtype=np.float64)
-        except Exception as exc:  # keep the demo going with a plain backbone pass
-            study.note(
-                f"PretrainedCNNFeatures failed ({type(exc).__name__}: {exc}); using a plain "
-                "backbone pass and skipping AdaBN."
-            )
-            cls = None
-    if F is None:
-        F = _fallback_features(frame, image_size)
+    ext = PretrainedCNNFeatures(
+        input_size=image_size, batch_size=32, precision=_PRECISION, verbose=0
+    )
+    ext.fit(frame.iloc[d["train"]])
+    F = np.asarray(ext.transform(frame), dtype=np.float64)
     study.log(f"features {F.shape} in {time.perf_counter() - t0:.1f}s")
-    return F, cls
+    return F, PretrainedCNNFeatures
 
 
 def _diagnostics(study, d, F, quick, random_state):
@@ -405,11 +365,8 @@ def _harmonization(study, d, F, feat_cls, image_size, random_state):
         t0 = time.perf_counter()
         hm = HistogramMatcher(level="image").fit(frame.iloc[tr])
         matched = hm.transform(frame)
-        if feat_cls is None:
-            Fh = _fallback_features(matched, image_size)
-        else:
-            ext = feat_cls(input_size=image_size, batch_size=32, precision=_PRECISION, verbose=0)
-            Fh = np.asarray(ext.fit(matched.iloc[tr]).transform(matched), dtype=np.float64)
+        ext = feat_cls(input_size=image_size, batch_size=32, precision=_PRECISION, verbose=0)
+        Fh = np.asarray(ext.fit(matched.iloc[tr]).transform(matched), dtype=np.float64)
         s, t = _probe_auc(Fh, y, tr, te, tg)
         study.add("harmonization", "HistogramMatcher (images)", "ROC AUC", s, t,
                   time.perf_counter() - t0)  # fmt: skip
@@ -435,10 +392,10 @@ def _harmonization(study, d, F, feat_cls, image_size, random_state):
         t0 = time.perf_counter()
         ada = AdaBN(
             feat_cls(input_size=image_size, batch_size=32, precision=_PRECISION, verbose=0),
-            unseen="source",
+            unseen="reference",
         )
         ada.fit(frame.iloc[tr])
-        ada.adapt(frame.iloc[np.r_[te, tg]])
+        ada.adapt(frame.iloc[tg])  # source sites keep the source statistics
         Fa = np.asarray(ada.transform(frame), dtype=np.float64)
         s, t = _probe_auc(Fa, y, tr, te, tg)
         study.add("harmonization", "AdaBN (per-site BatchNorm)", "ROC AUC", s, t,
@@ -446,16 +403,12 @@ def _harmonization(study, d, F, feat_cls, image_size, random_state):
 
     study.run("harmonization: histogram matching", histogram)
     study.run("harmonization: ComBat", combat)
-    if feat_cls is not None:
-        study.run("harmonization: AdaBN", adabn)
-    else:
-        study.note("AdaBN needs PretrainedCNNFeatures; skipped.")
+    study.run("harmonization: AdaBN", adabn)
 
 
 def _finetune(study, d, image_size, quick, random_state):
-    cls = _optional("_finetune", "FineTuneClassifier", study, "fine-tuning step")
-    if cls is None:
-        return
+    from ._finetune import FineTuneClassifier as cls
+
     y, tr, te, tg = d["y"], d["train"], d["test"], d["target"]
     frame = d["frame"]
     t0 = time.perf_counter()

@@ -30,13 +30,15 @@ from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-from sklearn.metrics.pairwise import pairwise_kernels
+from sklearn.metrics.pairwise import pairwise_distances, pairwise_kernels
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.utils import check_array, check_random_state
+from sklearn.utils import check_array
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import column_or_1d
+
+from .utils import derive_seed, reweight_posteriors, root_seed
 
 __all__ = [
     "MMDResult",
@@ -63,10 +65,6 @@ def _check_pair(X_source, X_target) -> tuple[np.ndarray, np.ndarray]:
             f"{Xt.shape[0]} target samples."
         )
     return Xs, Xt
-
-
-def _seed(rng: np.random.RandomState) -> int:
-    return int(rng.randint(2**31 - 1))
 
 
 def _default_classifier():
@@ -126,7 +124,7 @@ def proxy_a_distance(
     Xs, Xt = _check_pair(X_source, X_target)
     if not (isinstance(cv, Integral) and cv >= 2):
         raise ValueError(f"cv must be an integer >= 2, got {cv!r}.")
-    err, _ = _domain_classifier(Xs, Xt, estimator, cv, _seed(check_random_state(random_state)))
+    err, _ = _domain_classifier(Xs, Xt, estimator, cv, root_seed(random_state))
     return 2.0 * (1.0 - 2.0 * err)
 
 
@@ -230,7 +228,7 @@ def mmd_test(
         raise ValueError(f"gamma must be 'median' or a positive number, got {gamma!r}.")
     if max_samples is not None and not (isinstance(max_samples, Integral) and max_samples >= 2):
         raise ValueError(f"max_samples must be None or an integer >= 2, got {max_samples!r}.")
-    rng = check_random_state(random_state)
+    rng = np.random.default_rng(root_seed(random_state))
     if max_samples is not None:
         if len(Xs) > max_samples:
             Xs = Xs[rng.choice(len(Xs), max_samples, replace=False)]
@@ -242,21 +240,21 @@ def mmd_test(
         sd[sd == 0] = 1.0
         X = (X - X.mean(axis=0)) / sd
     g = None
+    # memory: a few (n_source + n_target)^2 matrices, never (n, n, n_features)
     if kernel == "linear":
         K = X @ X.T
     else:
         if isinstance(gamma, str):
-            if kernel == "rbf":
-                sq = np.sum(X**2, axis=1)
-                D = np.maximum(sq[:, None] + sq[None, :] - 2.0 * X @ X.T, 0.0)
-            else:
-                D = np.abs(X[:, None, :] - X[None, :, :]).sum(-1)
+            metric = "sqeuclidean" if kernel == "rbf" else "manhattan"
+            D = pairwise_distances(X, metric=metric)
             med = float(np.median(D[np.triu_indices(len(X), k=1)]))
+            del D
             g = 1.0 / med if med > 0 else 1.0
         else:
             g = float(gamma)
         K = pairwise_kernels(X, metric=kernel, gamma=g)
-    K0 = K - np.diag(np.diag(K))
+    np.fill_diagonal(K, 0.0)
+    K0 = K
     m, n = len(Xs), len(Xt)
     a = np.r_[np.ones(m), np.zeros(n)]
     stat = float(_unbiased_mmd(K0, a[:, None])[0])
@@ -589,7 +587,7 @@ def diagnose_shift(
     >>> diag.label_shift, round(float(diag.target_priors[1]), 1)
     (True, 0.2)
     """
-    from ._label_shift import LabelShiftAdapter, _adjust, em_prior_estimate
+    from ._label_shift import LabelShiftAdapter, em_prior_estimate
 
     Xs, Xt = _check_pair(X_source, X_target)
     ys = column_or_1d(y_source, warn=True)
@@ -616,13 +614,19 @@ def diagnose_shift(
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}.")
     if not (isinstance(n_bootstrap, Integral) and n_bootstrap >= 10):
         raise ValueError(f"n_bootstrap must be an integer >= 10, got {n_bootstrap!r}.")
-    rng = check_random_state(random_state)
+    seed = root_seed(random_state)
 
     # p(x)
     mmd = mmd_test(
-        Xs, Xt, n_permutations=n_permutations, max_samples=max_samples, random_state=_seed(rng)
+        Xs,
+        Xt,
+        n_permutations=n_permutations,
+        max_samples=max_samples,
+        random_state=derive_seed(seed, "mmd"),
     )
-    err, dom_auc = _domain_classifier(Xs, Xt, domain_estimator or estimator, cv, _seed(rng))
+    err, dom_auc = _domain_classifier(
+        Xs, Xt, domain_estimator or estimator, cv, derive_seed(seed, "domain classifier")
+    )
     pad = 2.0 * (1.0 - 2.0 * err)
 
     # source model, calibrated held-out posteriors
@@ -630,13 +634,14 @@ def diagnose_shift(
     ada = LabelShiftAdapter(
         _default_classifier() if estimator is None else estimator,
         cv=int(max(2, min(cv, min_count))),
-        random_state=_seed(rng),
+        random_state=derive_seed(seed, "source model"),
     ).fit(Xs, ys_idx)
     source_score = _score(ys_idx, ada.held_out_proba_, k)
     proba_t = ada.predict_proba(Xt)  # calibrated, not adapted
     source_priors = np.bincount(ys_idx, minlength=k) / len(ys_idx)
 
-    boot_idx = [rng.randint(0, len(Xt), len(Xt)) for _ in range(n_bootstrap)]
+    boot_rng = np.random.default_rng(derive_seed(seed, "bootstrap"))
+    boot_idx = [boot_rng.integers(0, len(Xt), len(Xt)) for _ in range(n_bootstrap)]
     # p(y)
     if yt_idx is not None:
         target_priors = np.bincount(yt_idx, minlength=k) / len(yt_idx)
@@ -667,7 +672,7 @@ def diagnose_shift(
     if yt_idx is not None:
         yt_used, cond_labels = yt_idx, "observed"
     else:
-        adjusted = _adjust(proba_t, target_priors / ada.source_priors_)
+        adjusted = reweight_posteriors(proba_t, target_priors / ada.source_priors_)
         yt_used, cond_labels = adjusted.argmax(axis=1), "pseudo"
     conditional = {}
     for c in range(k):
@@ -675,7 +680,7 @@ def diagnose_shift(
         if len(a) >= 5 and len(b) >= 5:
             conditional[classes[c]] = mmd_test(
                 a, b, n_permutations=n_permutations, max_samples=max_samples,
-                random_state=_seed(rng),
+                random_state=derive_seed(seed, "mmd p(x|y)", c),
             )  # fmt: skip
 
     # p(y | x)

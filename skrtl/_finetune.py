@@ -1,16 +1,17 @@
 """Fine-tuning a pretrained CNN as a scikit-learn classifier, built on skorch.
 
-:class:`FineTuneClassifier` creates a skorch :class:`~skorch.NeuralNetClassifier` in ``fit``
-(attribute ``net_``, composition, no subclassing) around a timm backbone with a new
+:class:`FineTuneClassifier` creates skorch :class:`~skorch.NeuralNetClassifier` nets in ``fit``
+(attribute ``nets_``, composition, no subclassing) around a timm backbone with a new
 classification head, and adds what transfer learning on small medical data sets needs:
 
 * ``strategy``: ``"scratch"`` (random init, everything trains), ``"linear_probe"`` (only the
   head trains) or ``"finetune"``;
 * ``freeze_depth=k``: transfer layers ``1..k`` (see :func:`skrtl.get_transfer_layers`) get
-  ``requires_grad=False`` **and** their BatchNorm layers stay in eval mode during training, so
-  their running statistics keep their pretrained values;
+  ``requires_grad=False`` **and** their BatchNorm layers stay in eval mode during training
+  (:class:`~skrtl._callbacks.FreezeBatchNorm`), so their running statistics keep their
+  pretrained values;
 * discriminative learning rates ``lr * gamma ** (L - l)`` for layer ``l > k``, one real
-  optimizer parameter group per layer;
+  optimizer parameter group per layer (:mod:`skrtl._transfer`);
 * **frozen-prefix caching**: without augmentation, the outputs of the frozen layers are
   computed once per image and only the remaining layers run during training;
 * class weights, internal stratified validation split with early stopping and best-weights
@@ -19,38 +20,43 @@ classification head, and adds what transfer learning on small medical data sets 
   mirror-image test-time augmentation;
 * a fresh pretrained start in every ``fit`` (safe in ``GridSearchCV``), ``random_state``
   reproducibility, pickling.
+
+Images become network input through the one preprocessing path of every torch estimator
+(:class:`~skrtl._preprocess.ImagePreprocessor`). Fitting one ensemble member is the
+module-level function :func:`fit_member`.
 """
 
 from __future__ import annotations
 
-import math
-import os
+import copy
 import warnings
+from dataclasses import dataclass
 from numbers import Integral, Real
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.base import ClassifierMixin, _fit_context
 from sklearn.model_selection import StratifiedKFold, train_test_split
-from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 from torch import nn
 
-from ._backbone import (
-    DEFAULT_BACKBONE,
-    _pristine_backbone,
-    _resolve_device,
-    backbone_data_config,
-    get_transfer_layers,
-    load_backbone,
+from ._augment import AugmentCollate
+from ._backbone import DEFAULT_BACKBONE, backbone_data_config, get_transfer_layers
+from ._base import BaseTorchImageEstimator, ImageEstimatorMixin
+from ._callbacks import FreezeBatchNorm, validation_scoring
+from ._transfer import (
+    EnsembleModule,
+    LayerwiseOptimizer,
+    TransferModule,
+    create_transfer_model,
+    prefix_stages,
 )
-from ._imaging import read_image_frame, scale_intensity, to_network_tensor, to_slices
+from .utils import derive_seed, resolve_device, root_seed
 
-__all__ = ["FineTuneClassifier"]
+__all__ = ["FineTuneClassifier", "fit_member"]
 
 _STRATEGIES = ("scratch", "linear_probe", "finetune")
 
@@ -58,224 +64,111 @@ _STRATEGIES = ("scratch", "linear_probe", "finetune")
 _MAX_CACHE_BYTES = 2 * 1024**3
 
 
-# --------------------------------------------------------------------------------------------
-# torch pieces
-# --------------------------------------------------------------------------------------------
-def _pretrained_state(name: str, weights, in_chans: int) -> dict[str, torch.Tensor]:
-    """Pretrained backbone weights, loaded once per process (shared with the feature cache)."""
-    model, _, _ = _pristine_backbone(name, weights, True, in_chans, torch.device("cpu"))
-    return model.state_dict()
-
-
-def _create_model(name, *, pretrained, weights, in_chans, n_out, drop_rate) -> nn.Module:
-    """timm model with a new ``n_out`` head; pretrained weights from the per-process cache."""
-    import timm
-
-    extra = {} if drop_rate is None else {"drop_rate": float(drop_rate)}
-    if not pretrained:
-        return load_backbone(name, pretrained=False, in_chans=in_chans, num_classes=n_out, **extra)
-    # loading (once per process) creates a timm model, which would draw from the caller's
-    # seeded RNG only on the first call: keep the stream independent of the cache state
-    with torch.random.fork_rng(devices=[]):
-        state = _pretrained_state(name, weights, in_chans)
-    model = timm.create_model(
-        name, pretrained=False, in_chans=in_chans, num_classes=n_out, **extra
-    )
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # zero-initialised head: the first epochs start from the pretrained features at loss log(C)
-    clf_module = model.get_classifier()
-    if isinstance(clf_module, nn.Linear):
-        nn.init.zeros_(clf_module.weight)
-        nn.init.zeros_(clf_module.bias)
-    head = {p.split(".")[0] for p in missing}
-    clf = (model.pretrained_cfg or {}).get("classifier", "classifier")
-    clf = clf[0] if isinstance(clf, list | tuple) else clf
-    if unexpected or any(not (m == clf or m.startswith(clf + ".")) for m in missing):
-        raise RuntimeError(  # pragma: no cover - load_backbone already checked the weights
-            f"pretrained weights of {name!r} do not fit the classifier model (missing "
-            f"{sorted(head)}, unexpected {unexpected[:5]})."
-        )
-    return model
-
-
-def _stage_list(model: nn.Module) -> list | None:
-    """Sequential decomposition of known timm families: [(module or callable), ...] + head.
-
-    Returns None when the architecture is not known; callers verify it numerically.
-    """
-    names = dict(model.named_children())
-    if all(n in names for n in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")) and isinstance(
-        model.blocks, nn.Sequential
-    ):
-        stages = [[model.conv_stem, model.bn1]]
-        stages += [[b] for b in model.blocks]
-        stages.append([model.conv_head, model.bn2])
-        return stages
-    resnet = ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4")
-    if all(n in names for n in resnet):
-        stages = [[model.conv1, model.bn1, model.act1, model.maxpool]]
-        stages += [[getattr(model, f"layer{i}")] for i in range(1, 5)]
-        return stages
-    return None
-
-
-class _TransferModule(nn.Module):
-    """A timm classifier whose frozen layers keep their BatchNorm layers in eval mode.
-
-    ``start`` > 0 makes ``forward`` take the cached output of the first ``start`` stages
-    (frozen-prefix caching) instead of images.
-    """
-
-    def __init__(self, model: nn.Module, frozen_modules: list[str]):
-        super().__init__()
-        self.model = model
-        self.frozen_modules = list(frozen_modules)
-        self.start = 0
-
-    def stages(self):
-        return _stage_list(self.model)
-
-    def forward_stages(self, x, start: int = 0, stop: int | None = None):
-        stages = self.stages()
-        for stage in stages[start:stop]:
-            for m in stage:
-                x = m(x)
-        return x
-
-    def forward(self, x):
-        if self.start == 0:
-            return self.model(x)
-        x = self.forward_stages(x, self.start)
-        return self.model.forward_head(x)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if mode:
-            for name in self.frozen_modules:
-                self.model.get_submodule(name).eval()
-        return self
-
-
-class _EnsembleModule(nn.Module):
-    """The members of a fitted ensemble as one module (mean logits), for AdaBN.
-
-    It holds the members themselves, not copies: re-estimating its BatchNorm statistics adapts
-    every member.
-    """
-
-    def __init__(self, members):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-
-    def forward(self, x):
-        return torch.stack([m(x) for m in self.members]).mean(0)
-
-
-class _LayerwiseOptimizer:
-    """Optimizer factory for skorch: one parameter group per trainable transfer layer.
-
-    skorch calls it with its default single group of all module parameters (in
-    ``named_parameters`` order); it regroups them by layer with ``lr_of_layer[l]``.
-    """
-
-    def __init__(self, names, layer_of, lr_of_layer, layer_names, weight_decay):
-        self.names = list(names)
-        self.layer_of = dict(layer_of)
-        self.lr_of_layer = dict(lr_of_layer)
-        self.layer_names = dict(layer_names)
-        self.weight_decay = weight_decay
-
-    def __call__(self, pgroups, lr=1e-3, **kwargs):
-        params = [p for g in pgroups for p in g["params"]]
-        kwargs.setdefault("weight_decay", self.weight_decay)
-        if len(params) != len(self.names):  # pragma: no cover - defensive
-            warnings.warn(
-                "FineTuneClassifier: could not map parameters to layers; using one learning "
-                "rate for all layers.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, **kwargs)
-        groups: dict[int, list] = {}
-        for name, p in zip(self.names, params):
-            if p.requires_grad:
-                groups.setdefault(self.layer_of[name], []).append(p)
-        param_groups = [
-            {
-                "params": groups[l],
-                "lr": self.lr_of_layer[l],
-                "layer": l,
-                "layer_name": self.layer_names[l],
-            }
-            for l in sorted(groups)
-        ]
-        return torch.optim.AdamW(param_groups, lr=lr, **kwargs)
-
-
-class _AugmentCollate:
-    """Collate function that applies light augmentation to a training batch.
-
-    Random horizontal flip, rotation by up to ``max_rotation`` degrees, small shift and an
-    intensity jitter (contrast / brightness in normalised units). Uses the global torch RNG
-    (forked and seeded by the estimator's ``fit``).
-    """
-
-    def __init__(self, max_rotation=10.0, max_shift=0.05, contrast=0.1, brightness=0.1):
-        self.max_rotation = max_rotation
-        self.max_shift = max_shift
-        self.contrast = contrast
-        self.brightness = brightness
-
-    def __call__(self, items):
-        x, y = torch.utils.data.default_collate(items)
-        return _augment_batch(x, self), y
-
-
-def _augment_batch(x: torch.Tensor, cfg: _AugmentCollate) -> torch.Tensor:
-    n = x.shape[0]
-    flip = torch.rand(n) < 0.5
-    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-    angle = (torch.rand(n) * 2 - 1) * math.radians(cfg.max_rotation)
-    shift = (torch.rand(n, 2) * 2 - 1) * 2 * cfg.max_shift
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack(
-        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
-    )
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    # pad with the per-image minimum (background) rather than zero (= mid-grey after norm)
-    lo = x.amin(dim=(2, 3), keepdim=True)
-    x = F.grid_sample(x - lo, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    x = x + lo
-    c = 1 + (torch.rand(n, 1, 1, 1) * 2 - 1) * cfg.contrast
-    b = (torch.rand(n, 1, 1, 1) * 2 - 1) * cfg.brightness
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (x - mean) * c + mean + b
-
-
 def _silent(*args, **kwargs):
     return None
 
 
-def _valid_auc(net, X, y):
-    """ROC AUC of the positive class on the validation set (nan with a single class)."""
-    from sklearn.metrics import roc_auc_score
+@dataclass
+class _FitPlan:
+    """What every ensemble member of one ``fit`` shares."""
 
-    y = np.asarray(y)
-    if np.unique(y).size < 2:
-        return float("nan")
-    proba = net.predict_proba(X)
-    return float(roc_auc_score(y, proba[:, 1]))
+    pretrained: bool
+    in_chans: int
+    n_classes: int
+    X_img: torch.Tensor  # network inputs of every network image
+    owner: np.ndarray  # sample of each network image
+    y_rows: torch.Tensor  # label of each network image
+    weight: torch.Tensor | None  # class weights
+    frozen_params: set
+    frozen_modules: list
+    layer_of: dict
+    lr_of_layer: dict
+    layer_names: dict
+    n_prefix: int  # stages whose output is cached
+    X_prefix: torch.Tensor | None  # cached prefix output (pretrained prefix: shared)
+    use_valid: bool
+    devices: list  # CUDA devices whose RNG a member forks
 
 
-def _valid_acc(net, X, y):
-    proba = net.predict_proba(X)
-    return float(np.mean(np.argmax(proba, axis=1) == np.asarray(y)))
+def _run_prefix(module: TransferModule, X_img, n_prefix: int, device, batch_size: int):
+    """Output of the first ``n_prefix`` stages for every network image (no grad, eval)."""
+    module.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(X_img), batch_size):
+            xb = X_img[start : start + batch_size].to(device)
+            out.append(module.forward_stages(xb, 0, n_prefix).cpu())
+    return torch.cat(out)
 
 
-# --------------------------------------------------------------------------------------------
-# estimator
-# --------------------------------------------------------------------------------------------
-class FineTuneClassifier(ClassifierMixin, BaseEstimator):
+def fit_member(estimator, plan: _FitPlan, *, seed: int, train_idx, valid_idx):
+    """Fine-tune one ensemble member of ``estimator`` (a :class:`FineTuneClassifier`).
+
+    The member starts from the pretrained weights with a new head, trains on the network
+    images of the samples ``train_idx`` and stops early on those of ``valid_idx``. Every
+    random draw (head initialisation of a scratch network, shuffling, dropout, augmentation)
+    comes from the torch generator forked and seeded with ``seed``, so members are
+    independent and reproducible and the caller's generator is untouched.
+
+    Returns
+    -------
+    net : skorch.NeuralNetClassifier
+    history : list of dict
+    best_epoch : int or None
+        Epoch restored by early stopping.
+    """
+    from skorch.callbacks import EarlyStopping
+    from skorch.dataset import Dataset
+
+    device = estimator.device_
+    with torch.random.fork_rng(devices=plan.devices):
+        torch.manual_seed(seed)
+        model = create_transfer_model(
+            estimator.backbone,
+            pretrained=plan.pretrained,
+            weights=estimator.weights,
+            in_chans=plan.in_chans,
+            n_out=plan.n_classes,
+            drop_rate=estimator.drop_rate,
+        )
+        for pname, p in model.named_parameters():
+            p.requires_grad_(pname not in plan.frozen_params)
+        module = TransferModule(model).to(device)
+        if plan.n_prefix and plan.X_prefix is not None:
+            X_net = plan.X_prefix
+        elif plan.n_prefix:  # random weights: every member has its own prefix
+            X_net = _run_prefix(module, plan.X_img, plan.n_prefix, device, estimator._bs_pred())
+        else:
+            X_net = plan.X_img
+        rows_tr = np.flatnonzero(np.isin(plan.owner, train_idx))
+        rows_va = np.flatnonzero(np.isin(plan.owner, valid_idx))
+        ds_valid = Dataset(X_net[rows_va], plan.y_rows[rows_va]) if plan.use_valid else None
+        net = estimator._make_net(module, ds_valid, plan, n_rows_train=len(rows_tr))
+        module.start = plan.n_prefix
+        try:
+            net.fit(Dataset(X_net[rows_tr], plan.y_rows[rows_tr]), None)
+        finally:
+            module.start = 0
+    best = None
+    for _, cb in net.callbacks_:
+        if isinstance(cb, EarlyStopping):
+            best = int(cb.best_epoch_) if plan.use_valid else None
+            cb.best_model_weights_ = None  # release the copy of the best weights
+    if not (plan.use_valid and estimator.early_stopping):
+        best = None
+    module.eval()
+    return net, estimator._history(net, plan.use_valid, plan.n_classes), best
+
+
+def _net_with_module_copy(net):
+    """Shallow copy of a fitted skorch net with a private deep copy of its module only."""
+    new = object.__new__(type(net))
+    new.__dict__.update(net.__dict__)
+    new.__dict__["module_"] = copy.deepcopy(net.module_)
+    return new
+
+
+class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEstimator):
     """Fine-tune a pretrained CNN on images (scratch, linear probe or layer-wise fine-tuning).
 
     Parameters
@@ -306,17 +199,26 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         AdamW weight decay.
     max_epochs : int, default=15
     batch_size : int, default=32
-    input_size : int, default=96
-        Images are resized to ``input_size x input_size`` pixels.
+    input_size : int or (int, int), default=96
+        Images are resized (bilinear, antialiased) to this size.
     mode : {"2d", "2.5d", "3d"}, default="2d"
-        Input kind. ``"2.5d"``: three orthogonal planes through the lesion centre (or the
-        volume centre) as the three channels. ``"3d"``: slice-wise; every axial slice (those
+        Input kind. ``"2.5d"``: planes through the lesion centre (or the volume centre) as
+        the channels, see ``slices``. ``"3d"``: slice-wise; every axial slice (those
         containing the mask, when masks are given) is a training image with its volume's
         label, and predicted probabilities are averaged over the slices of a volume.
-    intensity : str, default="auto"
-        Intensity scaling, see :func:`skrtl._imaging.scale_intensity`.
+    slices : {"orthogonal", "adjacent"}, default="orthogonal"
+        2.5-D planes: the three orthogonal planes, or ``n_slices`` adjacent axial slices.
+    n_slices : int, default=3
+        Number of adjacent slices for ``slices="adjacent"``.
+    intensity : {"auto", "window", "percentile", "minmax", "uint8", "none"}, default="auto"
+        Intensity scaling to [0, 1], the same preprocessing as
+        :class:`~skrtl.PretrainedCNNFeatures` (:mod:`skrtl._preprocess`): ``"auto"`` is
+        ``"window"`` with ``windows``, ``"uint8"`` for ``uint8`` images, else
+        ``"percentile"``.
     windows : list of (level, width), optional
         CT windows (one input channel each) for ``intensity="window"`` / ``"auto"``.
+    percentiles : (float, float), default=(0.5, 99.5)
+        Clip range of ``intensity="percentile"``.
     augment : bool, default=False
         Light augmentation of training batches (horizontal flip, rotation up to 10 degrees,
         shift up to 5 %, contrast / brightness jitter); never applied at predict time.
@@ -347,10 +249,11 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         ``max(n_estimators, round(1 / validation_fraction))`` stratified folds and member
         ``i`` uses fold ``i`` for early stopping and the rest for training, so every image
         trains most members (a class too small for the folds: a random stratified split per
-        member). The frozen prefix is computed once for all members. On BreastMNIST five
-        members raised the test AUC from 0.904 (mean of 15 single networks) to 0.930-0.939
-        (three seeds) for five times the training time; use ``n_estimators=1`` for quick
-        experiments and inside hyper-parameter searches.
+        member). The frozen prefix is computed once for all members. An ensemble costs
+        ``n_estimators`` times the training time of one network and removes much of the
+        variance a single network has with its seed and validation split (measured in
+        ``docs/benchmarks.md``); use ``n_estimators=1`` for quick experiments and inside
+        hyper-parameter searches.
     tta : bool, default=True
         Test-time augmentation: average the predictions on each image and on its horizontal
         mirror image (the mirror is also one of the training augmentations). Set it to
@@ -393,6 +296,8 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         Number of network stages whose output was cached (0 = no caching).
     input_config_ : dict
         Channels, mean, std and input size used to build network inputs.
+    preprocessor_ : ImagePreprocessor
+        The preprocessing from images to network input, shared with every torch estimator.
     device_ : str
 
     Notes
@@ -400,7 +305,10 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     Inside :class:`~sklearn.model_selection.GridSearchCV` every ``fit`` starts again from the
     pretrained weights (held in memory once per process) with a new head. Training time grows
     linearly with ``n_estimators``; the per-epoch callbacks (``callbacks``) run for every
-    member.
+    member. Frozen layers keep their BatchNorm statistics (:class:`~skrtl._callbacks.
+    FreezeBatchNorm`). The layer-wise learning rates are real optimizer parameter groups
+    (:func:`~skrtl._transfer.layerwise_param_groups`). Prediction is safe to call from several
+    threads at once; ``fit`` is not (as for any scikit-learn estimator).
 
     Examples
     --------
@@ -415,9 +323,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     """
 
     _parameter_constraints: dict = {
-        "backbone": [str],
-        "weights": [str, os.PathLike, None],
-        "pretrained": ["boolean"],
+        **BaseTorchImageEstimator._parameter_constraints,
         "strategy": [StrOptions(set(_STRATEGIES))],
         "freeze_depth": [Interval(Integral, 0, None, closed="left"), StrOptions({"auto"})],
         "gamma": [Interval(Real, 0, 1, closed="right")],
@@ -425,12 +331,6 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         "weight_decay": [Interval(Real, 0, None, closed="left")],
         "max_epochs": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [Interval(Integral, 2, None, closed="left")],
-        "input_size": [Interval(Integral, 16, None, closed="left")],
-        "mode": [StrOptions({"2d", "2.5d", "3d"})],
-        "intensity": [
-            StrOptions({"auto", "window", "percentile", "minmax", "uint8", "none"}),
-        ],
-        "windows": [list, tuple, None],
         "augment": ["boolean"],
         "class_weight": [StrOptions({"balanced"}), dict, None],
         "early_stopping": ["boolean"],
@@ -442,9 +342,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         "batch_size_predict": [Interval(Integral, 1, None, closed="left"), None],
         "n_estimators": [Interval(Integral, 1, None, closed="left")],
         "tta": ["boolean"],
-        "device": [str],
         "random_state": ["random_state"],
-        "verbose": ["verbose"],
     }
 
     def __init__(
@@ -462,8 +360,11 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         batch_size=32,
         input_size=96,
         mode="2d",
+        slices="orthogonal",
+        n_slices=3,
         intensity="auto",
         windows=None,
+        percentiles=(0.5, 99.5),
         augment=False,
         class_weight=None,
         early_stopping=True,
@@ -491,8 +392,11 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         self.batch_size = batch_size
         self.input_size = input_size
         self.mode = mode
+        self.slices = slices
+        self.n_slices = n_slices
         self.intensity = intensity
         self.windows = windows
+        self.percentiles = percentiles
         self.augment = augment
         self.class_weight = class_weight
         self.early_stopping = early_stopping
@@ -511,48 +415,16 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     # ----------------------------------------------------------------------------------------
     # preprocessing
     # ----------------------------------------------------------------------------------------
-    def _scaled_images(self, X):
-        """Validate X; return (list of 2-D scaled images (h, w, c), sample index per image)."""
-        data = read_image_frame(X, mode=self.mode, estimator_name=type(self).__name__)
-        windows = [tuple(w) for w in self.windows] if self.windows else None
-        imgs, owner = [], []
-        for i, img in enumerate(data.images):
-            mask = data.masks[i] if data.masks is not None else None
-            if self.mode == "2d":
-                chan_axis = -1 if img.ndim == 3 else None
-                m = mask if (mask is not None and chan_axis is None) else None
-                scaled = scale_intensity(
-                    img, method=self.intensity, windows=windows, mask=m, channel_axis=chan_axis
-                )
-                imgs.append(scaled)
-                owner.append(i)
-            else:
-                vol = scale_intensity(img, method=self.intensity, windows=windows, mask=mask)
-                slices, _ = to_slices(vol, mask, mode=self.mode)
-                imgs.extend(slices)
-                owner.extend([i] * len(slices))
-        return imgs, np.asarray(owner, dtype=np.intp), len(data.images)
+    def _bs_pred(self) -> int:
+        return int(self.batch_size_predict or 2 * self.batch_size)
 
-    def _to_tensor(self, imgs, cfg=None) -> torch.Tensor:
-        cfg = cfg or self.input_config_
-        chans = {int(np.shape(im)[-1]) for im in imgs}
-        if len(chans) != 1 or chans != {cfg["in_chans"]}:
-            raise ValueError(
-                f"{type(self).__name__} was fitted on images with {cfg['in_chans']} channel(s) "
-                f"after intensity scaling, got {sorted(chans)}; use the same image kind and "
-                "windows as in fit."
-            )
-        out = []
-        for start in range(0, len(imgs), 256):
-            x, _ = to_network_tensor(
-                imgs[start : start + 256],
-                size=cfg["input_size"],
-                in_chans=cfg["in_chans"],
-                mean=cfg["mean"],
-                std=cfg["std"],
-            )
-            out.append(x)
-        return torch.cat(out)
+    def _network_inputs(self, data) -> tuple[torch.Tensor, np.ndarray]:
+        """Network input tensor of every network image of ``data`` and the owning sample."""
+        xs, owners = [], []
+        for x, _, owner in self.preprocessor_.iter_batches(data, range(len(data)), 256):
+            xs.append(x)
+            owners.append(owner)
+        return torch.cat(xs), np.concatenate(owners)
 
     # ----------------------------------------------------------------------------------------
     def _resolve_structure(self, model, n_train):
@@ -582,39 +454,6 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
                     )
         return layers, L, k, gamma
 
-    def _prefix_stages(self, module: _TransferModule, k: int, layer_of: dict, x_probe):
-        """Number of leading stages entirely inside the frozen layers 1..k (0: no caching)."""
-        stages = module.stages()
-        if not stages or k < 1:
-            return 0
-        n = 0
-        for stage in stages:
-            idx = {
-                layer_of[f"model.{pn}"]
-                for m in stage
-                for pn, _ in _named_params_of(module.model, m)
-            }
-            if idx and max(idx) <= k:
-                n += 1
-            else:
-                break
-        if n == 0:
-            return 0
-        # verify the decomposition numerically against the model's own forward
-        was = module.training
-        module.eval()
-        try:
-            with torch.no_grad():
-                ref = module.model(x_probe)
-                h = module.forward_stages(x_probe, 0, n)
-                out = module.model.forward_head(module.forward_stages(h, n))
-            ok = torch.allclose(ref, out, atol=1e-4, rtol=1e-4)
-        except Exception:  # pragma: no cover - unexpected architecture
-            ok = False
-        finally:
-            module.train(was)
-        return n if ok else 0
-
     def _check_y(self, y):
         y = column_or_1d(y, warn=True)
         check_classification_targets(y)
@@ -625,6 +464,81 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
                 f"({classes!r})."
             )
         return classes, y_enc
+
+    def _plan(self, data, y_enc, y, *, seed, windows, size, n_train) -> _FitPlan:
+        """Network structure, preprocessing and (pretrained) prefix cache shared by members."""
+        n_classes = len(self.classes_)
+        in_chans = self._network_in_chans(self._intensity_channels(windows, data))
+        pretrained = bool(self.pretrained) and self.strategy != "scratch"
+        devices = [torch.device(self.device_).index or 0] if "cuda" in self.device_ else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(derive_seed(seed, "structure"))
+            model = create_transfer_model(
+                self.backbone,
+                pretrained=pretrained,
+                weights=self.weights,
+                in_chans=in_chans,
+                n_out=n_classes,
+                drop_rate=self.drop_rate,
+            )
+        cfg = backbone_data_config(model)
+        self._check_min_size(size, cfg["min_size"])
+        self.preprocessor_ = self._make_preprocessor(
+            size=size, windows=windows, in_chans=in_chans, mean=cfg["mean"], std=cfg["std"]
+        )
+        self.input_config_ = {
+            "in_chans": in_chans,
+            "mean": self.preprocessor_.mean,
+            "std": self.preprocessor_.std,
+            "input_size": tuple(size),
+        }
+        X_img, owner = self._network_inputs(data)
+        layers, L, k, gamma = self._resolve_structure(model, n_train)
+        layer_of = {f"model.{p}": layer.index for layer in layers for p in layer.param_names}
+        self.n_layers_ = L
+        self.layer_names_ = [layer.name for layer in layers]
+        self.freeze_depth_ = k
+        lr_of_layer = {
+            layer.index: float(self.lr) * gamma ** (L - layer.index) for layer in layers
+        }
+        self.layer_lrs_ = {l: v for l, v in lr_of_layer.items() if l > k}
+        frozen_params = {p for layer in layers[:k] for p in layer.param_names}
+        # the frozen prefix is the same pretrained network for every member: computed once
+        # (with random weights, pretrained=False, each member computes its own)
+        n_prefix, X_prefix = 0, None
+        if not self.augment and k >= 1:
+            module = TransferModule(model).to(self.device_)
+            for pname, p in model.named_parameters():
+                p.requires_grad_(pname not in frozen_params)
+            module.eval()
+            probe = X_img[: min(2, len(X_img))].to(self.device_)
+            n_prefix = prefix_stages(module, k, layer_of, probe)
+            if n_prefix:
+                with torch.no_grad():
+                    h0 = module.forward_stages(X_img[:1].to(self.device_), 0, n_prefix)
+                if h0.numel() * 4 * len(X_img) > _MAX_CACHE_BYTES:
+                    n_prefix = 0
+            if n_prefix and pretrained:
+                X_prefix = _run_prefix(module, X_img, n_prefix, self.device_, self._bs_pred())
+        self.cached_prefix_ = n_prefix
+        return _FitPlan(
+            pretrained=pretrained,
+            in_chans=in_chans,
+            n_classes=n_classes,
+            X_img=X_img,
+            owner=owner,
+            y_rows=torch.as_tensor(y_enc[owner], dtype=torch.int64),
+            weight=self._class_weight_tensor(y),
+            frozen_params=frozen_params,
+            frozen_modules=[f"model.{m}" for layer in layers[:k] for m in layer.module_names],
+            layer_of=layer_of,
+            lr_of_layer=lr_of_layer,
+            layer_names={layer.index: layer.name for layer in layers},
+            n_prefix=n_prefix,
+            X_prefix=X_prefix,
+            use_valid=False,
+            devices=devices,
+        )
 
     # ----------------------------------------------------------------------------------------
     @_fit_context(prefer_skip_nested_validation=True)
@@ -643,130 +557,36 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         -------
         self
         """
-        from skorch.callbacks import EarlyStopping
-        from skorch.dataset import Dataset
-
-        imgs, owner, n = self._scaled_images(X)
+        size, windows = self._check_image_params()
+        data = self._read(X)
+        n = len(data)
         y_arr = np.asarray(y)
         if y_arr.shape[0] != n:
             raise ValueError(f"X has {n} samples but y has {y_arr.shape[0]}.")
         self.classes_, y_enc = self._check_y(y)
         n_classes = len(self.classes_)
-        rng = check_random_state(self.random_state)
-        seed = int(rng.randint(np.iinfo(np.int32).max))
-        self.device_ = str(_resolve_device(self.device))
-
-        # ---------------- validation splits (by sample), one per ensemble member -------------
+        seed = root_seed(self.random_state)
+        self.device_ = str(resolve_device(self.device))
         n_members = int(self.n_estimators)
         splits = self._validation_splits(y_enc, n_classes, seed, n_members)
         use_valid = splits is not None
         if splits is None:
             splits = [(np.arange(n), np.array([], dtype=int))] * n_members
-
-        # ---------------- network structure (from the first member) -------------------------
-        chans = {int(np.shape(im)[-1]) for im in imgs}
-        if len(chans) != 1:
-            raise ValueError(
-                f"all images must have the same number of channels after intensity scaling, "
-                f"got {sorted(chans)}."
-            )
-        in_chans = chans.pop()
-        pretrained = bool(self.pretrained) and self.strategy != "scratch"
-        devices = [torch.device(self.device_).index or 0] if "cuda" in self.device_ else []
-        y_rows = torch.as_tensor(y_enc[owner], dtype=torch.int64)
-        weight = self._class_weight_tensor(y)
+        plan = self._plan(
+            data, y_enc, y, seed=seed, windows=windows, size=size, n_train=int(splits[0][0].size)
+        )
+        plan.use_valid = use_valid
         nets, histories, best_epochs = [], [], []
-        X_net = None
         for member, (tr_idx, va_idx) in enumerate(splits):
-            member_seed = _member_seed(seed, member)
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(member_seed)
-                model = _create_model(
-                    self.backbone,
-                    pretrained=pretrained,
-                    weights=self.weights,
-                    in_chans=in_chans,
-                    n_out=n_classes,
-                    drop_rate=self.drop_rate,
-                )
-                if member == 0:
-                    dcfg = backbone_data_config(model)
-                    self.input_config_ = {
-                        "in_chans": in_chans,
-                        "mean": dcfg["mean"],
-                        "std": dcfg["std"],
-                        "input_size": int(self.input_size),
-                    }
-                    if self.input_size < dcfg["min_size"]:
-                        raise ValueError(
-                            f"input_size={self.input_size!r} is smaller than the total stride "
-                            f"of {self.backbone!r} ({dcfg['min_size']}); use input_size >= "
-                            f"{dcfg['min_size']}."
-                        )
-                    X_img = self._to_tensor(imgs)
-                    layers, L, k, gamma = self._resolve_structure(model, int(tr_idx.size))
-                    frozen_params = {p for layer in layers[:k] for p in layer.param_names}
-                    frozen_modules = [m for layer in layers[:k] for m in layer.module_names]
-                    layer_of = {
-                        f"model.{p}": layer.index for layer in layers for p in layer.param_names
-                    }
-                    self.n_layers_ = L
-                    self.layer_names_ = [layer.name for layer in layers]
-                    self.freeze_depth_ = k
-                    lr_of_layer = {
-                        layer.index: float(self.lr) * gamma ** (L - layer.index)
-                        for layer in layers
-                    }
-                    self.layer_lrs_ = {l: v for l, v in lr_of_layer.items() if l > k}
-                for pname, p in model.named_parameters():
-                    p.requires_grad_(pname not in frozen_params)
-                module = _TransferModule(model, frozen_modules)
-                module.to(self.device_)
-
-                # -------- tensors, optionally through the frozen prefix -----------------------
-                # the frozen prefix is the same pretrained network for every member: computed
-                # once (with random weights, pretrained=False, each member has its own)
-                if member == 0:
-                    n_prefix = 0
-                    if not self.augment and k >= 1:
-                        probe = X_img[: min(2, len(X_img))].to(self.device_)
-                        n_prefix = self._prefix_stages(module, k, layer_of, probe)
-                    if n_prefix:
-                        with torch.no_grad():
-                            h0 = module.forward_stages(X_img[:1].to(self.device_), 0, n_prefix)
-                        if h0.numel() * 4 * len(X_img) > _MAX_CACHE_BYTES:
-                            n_prefix = 0
-                    self.cached_prefix_ = n_prefix
-                if X_net is None or (n_prefix and not pretrained):
-                    X_net = self._run_prefix(module, X_img, n_prefix) if n_prefix else X_img
-                rows_tr = np.flatnonzero(np.isin(owner, tr_idx))
-                rows_va = np.flatnonzero(np.isin(owner, va_idx))
-                net = self._make_net(
-                    module,
-                    Dataset(X_net[rows_va], y_rows[rows_va]) if use_valid else None,
-                    n_rows_train=len(rows_tr),
-                    n_classes=n_classes,
-                    lr_of_layer=lr_of_layer,
-                    layer_of=layer_of,
-                    layer_names={layer.index: layer.name for layer in layers},
-                    weight=weight,
-                )
-                module.start = n_prefix
-                try:
-                    net.fit(Dataset(X_net[rows_tr], y_rows[rows_tr]), None)
-                finally:
-                    module.start = 0
-            # release memory held by callbacks (best weights copy)
-            best = None
-            for _, cb in net.callbacks_:
-                if isinstance(cb, EarlyStopping):
-                    best = int(cb.best_epoch_) if use_valid else None
-                    cb.best_model_weights_ = None
-            if not (use_valid and self.early_stopping):
-                best = None
-            module.eval()
+            net, history, best = fit_member(
+                self,
+                plan,
+                seed=derive_seed(seed, "member", member),
+                train_idx=tr_idx,
+                valid_idx=va_idx,
+            )
             nets.append(net)
-            histories.append(self._history(net, use_valid, n_classes))
+            histories.append(history)
             best_epochs.append(best)
         self.nets_ = nets
         self.net_ = nets[0]
@@ -803,7 +623,9 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         idx_all = np.arange(n)
         n_folds = max(n_members, int(round(1.0 / self.validation_fraction)))
         if n_members > 1 and counts.min() >= n_folds:
-            folds = StratifiedKFold(n_folds, shuffle=True, random_state=seed % (2**31))
+            folds = StratifiedKFold(
+                n_folds, shuffle=True, random_state=derive_seed(seed, "validation folds")
+            )
             splits = list(folds.split(idx_all, y_enc))[:n_members]
         else:  # one member, or too few samples per class for disjoint folds: random splits
             splits = [
@@ -811,7 +633,7 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
                     idx_all,
                     test_size=n_val,
                     stratify=y_enc,
-                    random_state=_member_seed(seed, member),
+                    random_state=derive_seed(seed, "validation split", member),
                 )
                 for member in range(n_members)
             ]
@@ -831,28 +653,16 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         weight = compute_class_weight(cw, classes=self.classes_, y=np.asarray(y))
         return torch.as_tensor(weight, dtype=torch.float32)
 
-    def _make_net(
-        self,
-        module,
-        ds_valid,
-        *,
-        n_rows_train,
-        n_classes,
-        lr_of_layer,
-        layer_of,
-        layer_names,
-        weight,
-    ):
+    def _make_net(self, module, ds_valid, plan: _FitPlan, *, n_rows_train):
         """The skorch net of one member (callbacks, layer-wise optimizer, data loaders)."""
         from skorch import NeuralNetClassifier
-        from skorch.callbacks import EarlyStopping, EpochScoring, LRScheduler
+        from skorch.callbacks import EarlyStopping, LRScheduler
         from skorch.helper import predefined_split
 
         use_valid = ds_valid is not None
-        cbs = []
+        cbs = [("skrtl_freeze_bn", FreezeBatchNorm(plan.frozen_modules))]
         if use_valid:
-            name, func = ("valid_auc", _valid_auc) if n_classes == 2 else ("valid_acc", _valid_acc)
-            cbs.append((f"skrtl_{name}", EpochScoring(func, lower_is_better=False, name=name)))
+            cbs.append(validation_scoring(plan.n_classes))
         if self.lr_schedule == "cosine":
             cbs.append(
                 ("lr_scheduler", LRScheduler(policy="CosineAnnealingLR", T_max=self.max_epochs))
@@ -871,16 +681,17 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
             )
         for i, cb in enumerate(self.callbacks or []):
             cbs.append(cb if isinstance(cb, tuple | list) else (f"user_{i}", cb))
+        # BatchNorm cannot train on a last batch of one sample
         drop_last = n_rows_train > self.batch_size and n_rows_train % self.batch_size == 1
         names = [pn for pn, _ in module.named_parameters()]
-        optimizer = _LayerwiseOptimizer(
-            names, layer_of, lr_of_layer, layer_names, float(self.weight_decay)
+        optimizer = LayerwiseOptimizer(
+            names, plan.layer_of, plan.lr_of_layer, plan.layer_names, float(self.weight_decay)
         )
         net_kwargs = {}
-        if weight is not None:
-            net_kwargs["criterion__weight"] = weight
+        if plan.weight is not None:
+            net_kwargs["criterion__weight"] = plan.weight
         if self.augment:
-            net_kwargs["iterator_train__collate_fn"] = _AugmentCollate()
+            net_kwargs["iterator_train__collate_fn"] = AugmentCollate()
         return NeuralNetClassifier(
             module,
             criterion=nn.CrossEntropyLoss,
@@ -890,25 +701,15 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
             batch_size=int(self.batch_size),
             iterator_train__shuffle=True,
             iterator_train__drop_last=drop_last,
-            iterator_valid__batch_size=int(self.batch_size_predict or 2 * self.batch_size),
+            iterator_valid__batch_size=self._bs_pred(),
             train_split=predefined_split(ds_valid) if use_valid else None,
-            classes=np.arange(n_classes),
+            classes=np.arange(plan.n_classes),
             callbacks=cbs,
             callbacks__valid_acc=None,
             device=self.device_,
             verbose=int(self.verbose),
             **net_kwargs,
         )
-
-    def _run_prefix(self, module, X_img, n_prefix):
-        module.eval()
-        out = []
-        bs = int(self.batch_size_predict or 2 * self.batch_size)
-        with torch.no_grad():
-            for start in range(0, len(X_img), bs):
-                xb = X_img[start : start + bs].to(self.device_)
-                out.append(module.forward_stages(xb, 0, n_prefix).cpu())
-        return torch.cat(out)
 
     @staticmethod
     def _history(net, use_valid, n_classes):
@@ -925,27 +726,30 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         return rows
 
     # ----------------------------------------------------------------------------------------
-    # AdaBN hooks and prediction
+    # the torch network protocol (skrtl._base.TorchNetworkMixin) and prediction
     # ----------------------------------------------------------------------------------------
     def _skrtl_torch_module(self) -> nn.Module:
         check_is_fitted(self, "net_")
         if len(self.nets_) == 1:
             return self.net_.module_
-        return _EnsembleModule([net.module_ for net in self.nets_])
+        return EnsembleModule([net.module_ for net in self.nets_])
 
     def _skrtl_iter_inputs(self, X, batch_size=None):
         """Yield ``(x, idx)``: network input batches and the sample index of each row."""
         check_is_fitted(self, "net_")
-        imgs, owner, _ = self._scaled_images(X)
-        x = self._to_tensor(imgs)
-        bs = int(batch_size or self.batch_size_predict or 2 * self.batch_size)
+        data = self._read(X)
+        bs = int(batch_size or self._bs_pred())
         dev = self._module_device()
-        for start in range(0, len(x), bs):
-            yield x[start : start + bs].to(dev), owner[start : start + bs]
+        for x, _, owners in self.preprocessor_.iter_batches(data, range(len(data)), bs):
+            yield x.to(dev), owners
 
-    def _skrtl_invalidate_cache(self) -> None:
-        """Nothing is cached at predict time (the training cache is dropped after fit)."""
-        return None
+    def _skrtl_network_copy(self):
+        """A copy of this fitted classifier whose nets own private copies of their modules."""
+        check_is_fitted(self, "net_")
+        new = copy.copy(self)
+        new.nets_ = [_net_with_module_copy(net) for net in self.nets_]
+        new.net_ = new.nets_[0]
+        return new
 
     def _module_device(self):
         for p in self.net_.module_.parameters():
@@ -964,29 +768,25 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
         ndarray of shape (n_samples, n_classes)
         """
         check_is_fitted(self, "net_")
-        imgs, owner, n = self._scaled_images(X)
-        x = self._to_tensor(imgs)
+        data = self._read(X)
+        n = len(data)
+        x, owner = self._network_inputs(data)
         dev = self._module_device()
-        bs = int(self.batch_size_predict or 2 * self.batch_size)
+        bs = self._bs_pred()
         sums = np.zeros((n, len(self.classes_)))
         counts = np.zeros(n)
         views = [lambda t: t, lambda t: t.flip(-1)] if self.tta else [lambda t: t]
         for net in self.nets_:
             module = net.module_
-            was = module.training
-            module.eval()
-            try:
-                with torch.no_grad():
-                    for start in range(0, len(x), bs):
-                        xb = x[start : start + bs].to(dev)
-                        idx = owner[start : start + bs]
-                        for view in views:
-                            logits = module(view(xb))
-                            p = torch.softmax(logits.float(), dim=1).cpu().numpy()
-                            np.add.at(sums, idx, p)
-                            np.add.at(counts, idx, 1)
-            finally:
-                module.train(was)
+            with torch.no_grad():
+                for start in range(0, len(x), bs):
+                    xb = x[start : start + bs].to(dev)
+                    idx = owner[start : start + bs]
+                    for view in views:
+                        logits = _eval_forward(module, view(xb))
+                        p = torch.softmax(logits.float(), dim=1).cpu().numpy()
+                        np.add.at(sums, idx, p)
+                        np.add.at(counts, idx, 1)
         return sums / counts[:, None]
 
     def decision_function(self, X) -> np.ndarray:
@@ -1003,22 +803,17 @@ class FineTuneClassifier(ClassifierMixin, BaseEstimator):
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.non_deterministic = self.random_state is None
-        tags.input_tags.two_d_array = False
-        tags.input_tags.three_d_array = True
         tags.classifier_tags.multi_class = True
         tags.classifier_tags.poor_score = True
         return tags
 
 
-def _member_seed(seed: int, member: int) -> int:
-    """Seed of ensemble member ``member`` (member 0 keeps the estimator's seed)."""
-    return (seed + 7919 * member) % (2**31)
-
-
-def _named_params_of(root: nn.Module, sub: nn.Module):
-    """(name in root, param) for the parameters of submodule ``sub`` of ``root``."""
-    for mname, m in root.named_modules():
-        if m is sub:
-            prefix = f"{mname}." if mname else ""
-            return [(prefix + pn, p) for pn, p in sub.named_parameters()]
-    return []
+def _eval_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` in eval mode; a module in train mode is switched back afterwards."""
+    if not module.training:
+        return module(x)
+    module.eval()
+    try:
+        return module(x)
+    finally:
+        module.train(True)

@@ -33,6 +33,14 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils._set_output import _get_output_config
 from sklearn.utils.validation import check_is_fitted
 
+from ._base import (
+    DEFAULT_SITE_COLUMN,
+    HarmonizationWarning,
+    ImageEstimatorMixin,
+    resolve_unseen,
+    site_labels,
+    unseen_constraint,
+)
 from ._imaging import ImageInput, make_image_frame, read_image_frame
 
 __all__ = [
@@ -43,10 +51,6 @@ __all__ = [
     "IntensityWindow",
     "SpacingResampler",
 ]
-
-
-class HarmonizationWarning(UserWarning):
-    """A harmonizer used a documented fallback (e.g. statistics of an unseen site's batch)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,7 +103,7 @@ def _rebuild(X, images, *, masks=None, spacing=None, name="transformer", frame_o
     return np.stack(images).astype(np.float32, copy=False)
 
 
-class _ImageTransformerMixin(TransformerMixin):
+class _ImageTransformerMixin(ImageEstimatorMixin, TransformerMixin):
     """Shared sklearn plumbing for image-to-image transformers."""
 
     def get_feature_names_out(self, input_features=None):
@@ -122,14 +126,6 @@ class _ImageTransformerMixin(TransformerMixin):
             if hasattr(self, "feature_names_in_"):
                 del self.feature_names_in_
             self.n_features_in_ = 1
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.input_tags.three_d_array = True
-        tags.transformer_tags.preserves_dtype = []
-        tags.requires_fit = True
-        return tags
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,9 +322,13 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
         Site whose distribution is the reference (default: all training images).
     use_mask : bool, default=True
         Compute quantiles inside masks when the frame has them (the whole image is mapped).
-    unseen : {"error", "batch"}, default="error"
-        ``level="site"`` only: a site not seen in fit raises, or (``"batch"``) takes its
-        quantiles from its images in the transformed batch, with a
+    site_column : str, default="site"
+        Column of the image frame holding the sites (``level="site"`` and
+        ``reference_site``).
+    unseen : {"error", "reference", "batch"}, default="error"
+        ``level="site"`` only, a site not seen in fit: raise; leave its images unchanged, as
+        if they already had the reference distribution (``"reference"``); or take its
+        quantiles from its images in the transformed batch (``"batch"``), with a
         :class:`HarmonizationWarning`.
 
     Attributes
@@ -345,7 +345,8 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
         "level": [StrOptions({"image", "site"})],
         "reference_site": "no_validation",
         "use_mask": ["boolean"],
-        "unseen": [StrOptions({"error", "batch"})],
+        "site_column": [str],
+        "unseen": unseen_constraint(),
     }
 
     def __init__(
@@ -356,6 +357,7 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
         level="image",
         reference_site=None,
         use_mask=True,
+        site_column=DEFAULT_SITE_COLUMN,
         unseen="error",
     ):
         self.n_quantiles = n_quantiles
@@ -363,6 +365,7 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
         self.level = level
         self.reference_site = reference_site
         self.use_mask = use_mask
+        self.site_column = site_column
         self.unseen = unseen
 
     def _quantiles(self, inp: ImageInput) -> np.ndarray:
@@ -375,13 +378,15 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
             out[i] = np.percentile(np.asarray(vals, dtype=np.float64).ravel(), self.levels_)
         return out
 
-    def _sites(self, inp, what):
-        if inp.sites is None:
+    def _sites(self, X, what):
+        sites = site_labels(X, site_column=self.site_column, name="HistogramMatcher")
+        if sites is None:
             raise ValueError(
-                f"HistogramMatcher({what}) needs site labels: pass an image frame with a 'site' "
-                "column (skrtl.make_image_frame(images, sites=...))."
+                f"HistogramMatcher({what}) needs site labels: pass an image frame with a "
+                f"{self.site_column!r} column (skrtl.make_image_frame(images, sites=...)) or "
+                "set site_column to the column that holds them."
             )
-        return np.asarray([str(v) for v in inp.sites], dtype=object)
+        return sites
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
@@ -397,7 +402,7 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
         self.levels_ = np.linspace(lo, hi, self.n_quantiles)
         q = self._quantiles(inp)
         if self.reference_site is not None:
-            sites = self._sites(inp, f"reference_site={self.reference_site!r}")
+            sites = self._sites(X, f"reference_site={self.reference_site!r}")
             rows = sites == str(self.reference_site)
             rows = np.asarray(rows, dtype=bool)
             if not rows.any():
@@ -410,7 +415,7 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
             self.reference_quantiles_ = q.mean(axis=0)
         self.site_quantiles_ = {}
         if self.level == "site":
-            sites = self._sites(inp, "level='site'")
+            sites = self._sites(X, "level='site'")
             for s in sorted(set(sites)):
                 self.site_quantiles_[s] = q[sites == s].mean(axis=0)
         return self
@@ -423,17 +428,21 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
         if self.level == "image":
             src = self._quantiles(inp)
         else:
-            sites = self._sites(inp, "level='site'")
+            sites = self._sites(X, "level='site'")
             new = sorted(set(sites) - set(self.site_quantiles_))
             src = np.empty((len(inp), ref.size))
-            if new:
-                if self.unseen == "error":
-                    raise ValueError(
-                        f"sites {new!r} were not seen in fit (known: "
-                        f"{sorted(self.site_quantiles_)!r}). Refit with them, use "
-                        "level='image', or unseen='batch' to estimate their histogram from the "
-                        "transformed batch."
-                    )
+            unseen = resolve_unseen(self.unseen, "HistogramMatcher")
+            if new and unseen == "error":
+                raise ValueError(
+                    f"sites {new!r} were not seen in fit (known: "
+                    f"{sorted(self.site_quantiles_)!r}). Refit with them, use level='image', "
+                    "unseen='reference' to leave their images unchanged, or unseen='batch' to "
+                    "estimate their histogram from the transformed batch."
+                )
+            if new and unseen == "reference":
+                for s in new:
+                    src[sites == s] = ref
+            elif new:
                 q = self._quantiles(inp)
                 for s in new:
                     warnings.warn(

@@ -22,21 +22,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 
 __all__ = [
     "IMAGE_FRAME_COLUMNS",
+    "MAX_CHANNELS",
     "ImageInput",
     "make_image_frame",
     "read_image_frame",
-    "scale_intensity",
-    "to_slices",
-    "to_network_tensor",
 ]
 
 IMAGE_FRAME_COLUMNS = ("image", "mask", "spacing", "site")
 _MODES = ("2d", "2.5d", "3d")
+#: A trailing axis of at most this length is a channel axis of a 2-D image (grey, RGB, RGBA).
+MAX_CHANNELS = 4
 
 
 def make_image_frame(
@@ -143,6 +141,9 @@ class ImageInput:
     sites : ndarray of shape (n,) or None
     extra : pandas.DataFrame
         The frame's other columns (empty for array input).
+    dtypes : list of numpy dtype
+        dtype of each image as the user gave it (before the float32 conversion), which the
+        ``"auto"`` intensity rule reads.
     """
 
     images: list
@@ -150,9 +151,14 @@ class ImageInput:
     spacing: np.ndarray | None = None
     sites: np.ndarray | None = None
     extra: pd.DataFrame = field(default_factory=pd.DataFrame)
+    dtypes: list = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def dtype(self, i: int):
+        """Raw dtype of image ``i`` (None when unknown)."""
+        return self.dtypes[i] if i < len(self.dtypes) else None
 
 
 def read_image_frame(
@@ -199,8 +205,17 @@ def read_image_frame(
         if "site" in X.columns:
             sites = X["site"].to_numpy()
         extra = X.drop(columns=[c for c in IMAGE_FRAME_COLUMNS if c in X.columns])
+    elif isinstance(X, list | tuple) and len(X) and all(isinstance(v, np.ndarray) for v in X):
+        images = list(X)  # a sequence of images, sizes may differ
     elif isinstance(X, np.ndarray | list | tuple):
-        arr = np.asarray(X) if not isinstance(X, np.ndarray) else X
+        try:
+            arr = np.asarray(X) if not isinstance(X, np.ndarray) else X
+        except ValueError as exc:
+            raise ValueError(
+                f"{estimator_name} could not read X as an array of images ({exc}). Images of "
+                "different sizes go in an image frame: skrtl.make_image_frame(list_of_images, "
+                "masks=...)."
+            ) from exc
         if arr.dtype == object:
             images = list(arr)
         else:
@@ -226,28 +241,11 @@ def read_image_frame(
     if len(images) == 0:
         raise ValueError(f"{estimator_name} got 0 images; at least one is required.")
     out_images = []
+    dtypes = []
     for i, img in enumerate(images):
-        img = np.asarray(img)
-        if img.dtype == object or not (np.issubdtype(img.dtype, np.number) or img.dtype == bool):
-            raise ValueError(f"image {i} has non-numeric dtype {img.dtype!r}.")
-        if mode == "2d" and img.ndim not in (2, 3):
-            raise ValueError(
-                f"image {i} has shape {img.shape!r}; mode='2d' needs (H, W) or (H, W, C). "
-                "For volumes use mode='2.5d' or mode='3d'."
-            )
-        if mode != "2d" and img.ndim != 3:
-            raise ValueError(
-                f"image {i} has shape {img.shape!r}; mode={mode!r} needs a volume (D, H, W)."
-            )
-        img = img.astype(np.float32, copy=False)
-        if not np.isfinite(img).all():
-            raise ValueError(
-                f"image {i} contains NaN or infinite values; replace them (e.g. "
-                "np.nan_to_num) or drop the sample before calling {estimator_name}.".replace(
-                    "{estimator_name}", estimator_name
-                )
-            )
-        out_images.append(img)
+        img = _check_image(img, i, mode, estimator_name)
+        dtypes.append(img.dtype)
+        out_images.append(img.astype(np.float32, copy=False))
     if masks is not None:
         out_masks = []
         for i, (img, m) in enumerate(zip(out_images, masks)):
@@ -276,213 +274,69 @@ def read_image_frame(
             f"{estimator_name} needs a mask for every image: pass "
             "X=skrtl.make_image_frame(images, masks=masks)."
         )
-    return ImageInput(images=out_images, masks=masks, spacing=spacing, sites=sites, extra=extra)
+    return ImageInput(
+        images=out_images, masks=masks, spacing=spacing, sites=sites, extra=extra, dtypes=dtypes
+    )
 
 
-# --------------------------------------------------------------------------------------------
-# intensity
-# --------------------------------------------------------------------------------------------
-def scale_intensity(
-    img: np.ndarray,
-    *,
-    method: str = "auto",
-    windows: Sequence[tuple[float, float]] | None = None,
-    percentiles: tuple[float, float] = (0.5, 99.5),
-    mask: np.ndarray | None = None,
-    channel_axis: int | None = None,
-) -> np.ndarray:
-    """Map raw intensities to [0, 1] channels.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
-    Parameters
-    ----------
-    img : ndarray
-        Image or volume. With ``channel_axis`` the channels are scaled jointly.
-    method : {"auto", "window", "percentile", "minmax", "uint8", "none"}
-        ``"window"``: CT windows ``(level, width)``, one output channel per window (stacked on a
-        new last axis). ``"percentile"``: clip to the given percentiles (computed inside
-        ``mask`` when given) and rescale (MRI, ultrasound). ``"minmax"``: per-image min-max.
-        ``"uint8"``: divide by 255. ``"auto"``: ``"window"`` if windows are given, ``"uint8"``
-        for integer data within [0, 255], else ``"percentile"``.
-    windows : sequence of (level, width), optional
-        CT windows in HU, e.g. ``[(40, 400), (-600, 1500)]`` (soft tissue, lung).
-    percentiles : (float, float)
-    mask : ndarray of bool, optional
-    channel_axis : int, optional
-        Position of an existing channel axis (kept as is, last axis in the output).
 
-    Returns
-    -------
-    ndarray of float32 with a trailing channel axis.
-    """
-    x = np.asarray(img, dtype=np.float32)
-    if channel_axis is None:
-        x = x[..., None]
-    elif channel_axis not in (-1, x.ndim - 1):
-        x = np.moveaxis(x, channel_axis, -1)
-    if method == "auto":
-        if windows:
-            method = "window"
-        elif np.issubdtype(np.asarray(img).dtype, np.integer) and x.min() >= 0 and x.max() <= 255:
-            method = "uint8"
-        else:
-            method = "percentile"
-    if method == "window":
-        if not windows:
-            raise ValueError("method='window' needs windows=[(level, width), ...].")
-        chans = []
-        for level, width in windows:
-            if width <= 0:
-                raise ValueError(f"window width must be > 0, got {width!r}.")
-            lo = level - width / 2.0
-            chans.append(np.clip((x.mean(axis=-1) - lo) / width, 0.0, 1.0))
-        return np.stack(chans, axis=-1).astype(np.float32)
-    if method == "uint8":
-        return np.clip(x / 255.0, 0.0, 1.0)
-    if method == "none":
-        return x
-    if method == "minmax":
-        lo, hi = float(x.min()), float(x.max())
-    elif method == "percentile":
-        ref = x[mask] if mask is not None and mask.shape == x.shape[:-1] else x
-        lo, hi = (float(v) for v in np.percentile(ref, percentiles))
-    else:
-        raise ValueError(
-            f"intensity method must be one of 'auto', 'window', 'percentile', 'minmax', "
-            f"'uint8', 'none'; got {method!r}."
+def _layout_hint(shape: tuple) -> str:
+    """Why a 3-D array is not a channel-last 2-D image, and what to do instead."""
+    if shape[0] <= MAX_CHANNELS:
+        return (
+            f"it looks channel-first (C, H, W) with C={shape[0]}: skrtl takes channel-last "
+            "images, so move the channels last (np.moveaxis(image, 0, -1); for an array of "
+            "images np.moveaxis(X, 1, -1))"
         )
-    if hi <= lo:
-        return np.zeros_like(x)
-    return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+    return (
+        f"a last axis of {shape[-1]} is no channel axis (at most {MAX_CHANNELS} channels: grey, "
+        "RGB, RGBA), so this looks like a volume (D, H, W): use mode='2.5d' or mode='3d' for "
+        "volumes"
+    )
 
 
-# --------------------------------------------------------------------------------------------
-# volumes -> 2-D network inputs
-# --------------------------------------------------------------------------------------------
-def _centre(mask: np.ndarray | None, shape: tuple) -> tuple[int, ...]:
-    if mask is not None:
-        idx = np.argwhere(mask)
-        return tuple(int(round(v)) for v in idx.mean(axis=0))
-    return tuple(s // 2 for s in shape)
-
-
-def to_slices(
-    volume: np.ndarray,
-    mask: np.ndarray | None,
-    *,
-    mode: str,
-    slices: str = "orthogonal",
-    n_slices: int = 3,
-    slice_selection: str = "mask",
-) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
-    """Turn a scaled volume ``(D, H, W, C)`` into 2-D images ``(h, w, c)`` for the network.
-
-    ``mode="2.5d"`` returns a single image whose channels are three orthogonal planes through the
-    lesion centre (``slices="orthogonal"``, needs ``C == 1``) or ``n_slices`` adjacent axial
-    slices (``slices="adjacent"``). ``mode="3d"`` returns every axial slice (or only those that
-    contain the mask, ``slice_selection="mask"``); features are aggregated afterwards.
-    """
-    d, h, w, c = volume.shape
-    cz, cy, cx = _centre(mask, (d, h, w))
-    if mode == "2.5d":
-        if slices == "orthogonal":
-            if c != 1:
-                raise ValueError(
-                    "slices='orthogonal' stacks three planes as channels and needs one intensity "
-                    f"channel, got {c} (several CT windows?). Use slices='adjacent' or one window."
-                )
-            planes = [volume[cz, :, :, 0], volume[:, cy, :, 0], volume[:, :, cx, 0]]
-            mplanes = (
-                [mask[cz], mask[:, cy, :], mask[:, :, cx]] if mask is not None else [None] * 3
+def _check_image(img, i: int, mode: str, estimator_name: str) -> np.ndarray:
+    """One image as a numeric ndarray of the layout ``mode`` takes, or a clear error."""
+    img = np.asarray(img)
+    if np.iscomplexobj(img):
+        raise ValueError(
+            f"image {i} is complex ({img.dtype}); {estimator_name} takes real intensities. Pass "
+            "the magnitude (np.abs(image)) or another real part explicitly."
+        )
+    if img.dtype == object or not (np.issubdtype(img.dtype, np.number) or img.dtype == bool):
+        raise ValueError(
+            f"image {i} has non-numeric dtype {img.dtype!r}; images must be numeric arrays "
+            "(file paths are read with skrtl.read_cohort)."
+        )
+    if mode == "2d":
+        if img.ndim not in (2, 3):
+            raise ValueError(
+                f"image {i} has shape {img.shape!r}; mode='2d' needs (H, W) or channel-last "
+                f"(H, W, C) with C <= {MAX_CHANNELS}. For volumes use mode='2.5d' or mode='3d'."
             )
-            size = (max(p.shape[0] for p in planes), max(p.shape[1] for p in planes))
-            stacked = np.stack([_resize_np(p, size) for p in planes], axis=-1)
-            mstack = None
-            if mask is not None:
-                mstack = np.stack([_resize_np(m.astype(np.float32), size) for m in mplanes])
-                mstack = mstack.max(axis=0) > 0.5
-            return [stacked], [mstack]
-        if slices == "adjacent":
-            if n_slices < 1:
-                raise ValueError(f"n_slices must be >= 1, got {n_slices!r}.")
-            half = n_slices // 2
-            idx = np.clip(np.arange(cz - half, cz - half + n_slices), 0, d - 1)
-            img = np.concatenate([volume[i] for i in idx], axis=-1)
-            return [img], [mask[cz] if mask is not None else None]
-        raise ValueError(f"slices must be 'orthogonal' or 'adjacent', got {slices!r}.")
-    if mode == "3d":
-        if slice_selection == "mask" and mask is not None:
-            zs = np.flatnonzero(mask.reshape(d, -1).any(axis=1))
-        elif slice_selection in ("all", "mask"):
-            zs = np.arange(d)
-        else:
-            raise ValueError(f"slice_selection must be 'mask' or 'all', got {slice_selection!r}.")
-        return [volume[z] for z in zs], [mask[z] if mask is not None else None for z in zs]
-    raise ValueError(f"to_slices needs mode '2.5d' or '3d', got {mode!r}.")
-
-
-def _resize_np(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if img.shape[:2] == tuple(size):
-        return img
-    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
-
-
-def to_network_tensor(
-    images: Sequence[np.ndarray],
-    *,
-    size: int | tuple[int, int],
-    in_chans: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    masks: Sequence[np.ndarray | None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stack scaled 2-D images ``(h, w, c)`` in [0, 1] into a normalised NCHW batch.
-
-    Images are resized (bilinear, antialiased) to ``size``; single-channel images are
-    replicated to ``in_chans`` channels; masks are resized to the same grid.
-
-    Returns
-    -------
-    x : torch.Tensor of shape (n, in_chans, size, size), float32
-    m : torch.Tensor of shape (n, 1, size, size) in [0, 1], or None
-    """
-    size = (size, size) if isinstance(size, int | np.integer) else tuple(size)
-    batch = []
-    for i, img in enumerate(images):
-        t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))
-        if t.ndim == 2:
-            t = t[..., None]
-        t = t.permute(2, 0, 1)
-        c = t.shape[0]
-        if c != in_chans:
-            if c == 1:
-                t = t.expand(in_chans, -1, -1)
-            elif in_chans == 1:
-                t = t.mean(dim=0, keepdim=True)
-            else:
-                raise ValueError(
-                    f"image {i} has {c} channels but the network takes {in_chans}; use 1 or "
-                    f"{in_chans} channels (e.g. fewer CT windows)."
-                )
-        if tuple(t.shape[1:]) != size:
-            t = F.interpolate(
-                t[None], size=size, mode="bilinear", align_corners=False, antialias=True
-            )[0]
-        batch.append(t)
-    x = torch.stack(batch)
-    mean_t = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
-    std_t = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
-    if mean_t.shape[1] != in_chans:
-        mean_t = mean_t.mean(1, keepdim=True)
-        std_t = std_t.mean(1, keepdim=True)
-    x = (x - mean_t) / std_t
-    mt = None
-    if masks is not None and any(m is not None for m in masks):
-        ms = []
-        for img, m in zip(images, masks):
-            if m is None:
-                m = np.ones(np.asarray(img).shape[:2], dtype=np.float32)
-            t = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32))[None, None]
-            ms.append(F.interpolate(t, size=size, mode="area")[0] if t.shape[2:] != size else t[0])
-        mt = torch.stack(ms)
-    return x.contiguous(), mt
+        if img.ndim == 3 and img.shape[-1] > MAX_CHANNELS:
+            raise ValueError(
+                f"image {i} has shape {img.shape!r}, which mode='2d' does not take: "
+                f"{_layout_hint(img.shape)}."
+            )
+    elif img.ndim != 3:
+        raise ValueError(
+            f"image {i} has shape {img.shape!r}; mode={mode!r} needs a volume (D, H, W)."
+        )
+    if img.dtype.kind == "f":
+        finite = np.isfinite(img)
+        if not finite.all():
+            raise ValueError(
+                f"image {i} contains NaN or infinite values ({int((~finite).sum())} pixels); "
+                "replace them (e.g. np.nan_to_num) or drop the sample before calling "
+                f"{estimator_name}."
+            )
+        peak = float(np.abs(img).max()) if img.size else 0.0
+        if peak > _FLOAT32_MAX:
+            raise ValueError(
+                f"image {i} has finite values up to {peak:.3g}, beyond the float32 range "
+                f"(+-{_FLOAT32_MAX:.3g}) the networks compute in; rescale the image first."
+            )
+    return img

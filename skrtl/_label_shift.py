@@ -29,17 +29,30 @@ from sklearn.base import (
 )
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import StratifiedKFold, check_cv, cross_val_predict
-from sklearn.utils import get_tags
+from sklearn.utils import _safe_indexing, get_tags
+from sklearn.utils._metadata_requests import (
+    MetadataRouter,
+    MethodMapping,
+    _routing_enabled,
+    process_routing,
+)
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import _num_samples, check_is_fitted, column_or_1d, indexable
+from sklearn.utils.validation import (
+    _check_sample_weight,
+    _num_samples,
+    check_is_fitted,
+    column_or_1d,
+    has_fit_parameter,
+    indexable,
+)
 
 from ._calibration import (
-    _PROBA_FLOOR,
     BiasCorrectedTemperatureScaling,
     TemperatureScaling,
     VectorScaling,
 )
+from .utils import PROBA_FLOOR, derive_seed, reweight_posteriors, root_seed
 
 __all__ = [
     "LabelShiftAdapter",
@@ -152,18 +165,7 @@ def adjust_posteriors(proba, source_priors, target_priors) -> np.ndarray:
             f"source_priors={source!r} must be strictly positive to form the ratio "
             "target_priors / source_priors."
         )
-    return _adjust(proba, target / source)
-
-
-def _adjust(proba: np.ndarray, ratio: np.ndarray) -> np.ndarray:
-    unnorm = proba * ratio
-    total = unnorm.sum(axis=1, keepdims=True)
-    # A row whose mass sits only on classes with zero target prior: keep the source posterior.
-    bad = total[:, 0] <= 0
-    if np.any(bad):
-        unnorm[bad] = proba[bad]
-        total[bad] = 1.0
-    return unnorm / total
+    return reweight_posteriors(proba, target / source)
 
 
 def _em(proba, source, *, init, tol, max_iter):
@@ -172,7 +174,7 @@ def _em(proba, source, *, init, tol, max_iter):
     converged = False
     n_iter = 0
     for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is used after the loop
-        post = _adjust(proba, priors * ratio_base)
+        post = reweight_posteriors(proba, priors * ratio_base)
         new = post.mean(axis=0)
         delta = np.max(np.abs(new - priors))
         priors = new
@@ -575,14 +577,14 @@ class LabelShiftAdapter(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     def _calibrate(self, proba: np.ndarray) -> np.ndarray:
         if self.calibrator_ is None:
             return proba / proba.sum(axis=1, keepdims=True)
-        return self.calibrator_.predict_proba(np.log(np.clip(proba, _PROBA_FLOOR, None)))
+        return self.calibrator_.predict_proba(np.log(np.clip(proba, PROBA_FLOOR, None)))
 
     # ---------------------------------------------------------------- fit
     @_fit_context(
         # the base estimator is validated when it is fitted
         prefer_skip_nested_validation=False
     )
-    def fit(self, X, y, *, X_target=None):
+    def fit(self, X, y, *, X_target=None, sample_weight=None, **fit_params):
         """Fit the base classifier and the calibrator on labelled source data.
 
         Parameters
@@ -595,6 +597,14 @@ class LabelShiftAdapter(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
             Optional unlabelled target inputs; if given, :meth:`adapt` is called on them after
             fitting (one-shot form). In a Pipeline, pass it only when this adapter wraps the
             whole pipeline (``X_target`` is not transformed by earlier pipeline steps).
+        sample_weight : array-like of shape (n_samples,), default=None
+            Sample weights: they weight the source priors and the calibration, and are passed
+            to the base estimator's ``fit`` (which must accept them).
+        **fit_params
+            Passed to the base estimator's ``fit`` (in the held-out calibration folds too;
+            sample-aligned values are split with the folds). With metadata routing enabled
+            they are routed as the base estimator requests them, and ``groups`` reaches a
+            group-aware ``cv`` splitter.
 
         Returns
         -------
@@ -604,6 +614,17 @@ class LabelShiftAdapter(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         X, y = indexable(X, y)
         y = column_or_1d(y, warn=True)
         check_classification_targets(y)
+        weights = None
+        if sample_weight is not None:
+            weights = _check_sample_weight(sample_weight, np.empty((len(y), 0)), dtype=np.float64)
+            totals = {c: float(weights[y == c].sum()) for c in np.unique(y)}
+            empty = [c for c, t in totals.items() if not t > 0]
+            if empty:
+                raise ValueError(
+                    f"classes {empty!r} have a total sample_weight of 0: the source priors and "
+                    "the calibration need every class with a positive weight. Drop those "
+                    "samples (and classes) or give them weight."
+                )
         if len(y) == 0:
             raise ValueError("y is empty: LabelShiftAdapter needs labelled source samples.")
         for attr in ("target_priors_", "n_iter_", "converged_", "n_target_"):
@@ -651,18 +672,34 @@ class LabelShiftAdapter(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
                         f"fewer than cv={self.cv!r} folds: every class needs at least cv samples "
                         "for held-out calibration. Lower cv, or add samples of that class."
                     )
-                seed = np.random.default_rng(
-                    self.random_state
-                    if not isinstance(self.random_state, np.random.RandomState)
-                    else self.random_state.randint(2**31)
-                ).integers(2**31)
+                seed = derive_seed(root_seed(self.random_state), "calibration folds")
                 splitter = StratifiedKFold(n_splits=self.cv, shuffle=True, random_state=seed)
             else:
                 splitter = check_cv(self.cv, y, classifier=True)
+            if _routing_enabled():
+                extra = {} if weights is None else {"sample_weight": weights}
+                routed = process_routing(self, "fit", **extra, **fit_params)
+                est_params = routed.estimator.fit
+                split_params = routed.splitter.split if "splitter" in routed else {}
+            else:
+                est_params, split_params = dict(fit_params), {}
+                if weights is not None:
+                    if not has_fit_parameter(base, "sample_weight"):
+                        raise ValueError(
+                            f"sample_weight was given but the base estimator "
+                            f"{type(base).__name__} does not take sample_weight in fit. Use "
+                            "an estimator that does, or drop sample_weight."
+                        )
+                    est_params["sample_weight"] = weights
             held_out = cross_val_predict(
-                clone(base), X, y, cv=splitter, method="predict_proba"
+                clone(base),
+                X,
+                y,
+                cv=list(splitter.split(X, y, **split_params)),
+                method="predict_proba",
+                params=est_params or None,
             ).astype(np.float64)
-            self.estimator_ = clone(base).fit(X, y)
+            self.estimator_ = clone(base).fit(X, y, **est_params)
             self._columns_ = self._column_order(self.estimator_.classes_)
 
         pos = {c: i for i, c in enumerate(self.classes_.tolist())}
@@ -670,15 +707,18 @@ class LabelShiftAdapter(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         if self.calibration is None:
             self.calibrator_ = None
         else:
-            logp = np.log(np.clip(held_out, _PROBA_FLOOR, None))
-            self.calibrator_ = _CALIBRATORS[self.calibration]().fit(logp, y_idx)
+            logp = np.log(np.clip(held_out, PROBA_FLOOR, None))
+            self.calibrator_ = _CALIBRATORS[self.calibration]().fit(
+                logp, y_idx, sample_weight=weights
+            )
         cal = self._calibrate(held_out)
         self.held_out_proba_ = cal
         self._source_y_ = y_idx
         k = len(self.classes_)
-        self.empirical_source_priors_ = np.bincount(y_idx, minlength=k) / len(y_idx)
+        w = np.ones(len(y_idx)) if weights is None else weights
+        self.empirical_source_priors_ = np.bincount(y_idx, weights=w, minlength=k) / w.sum()
         if self.source_priors == "calibrated":
-            self.source_priors_ = cal.mean(axis=0)
+            self.source_priors_ = np.average(cal, axis=0, weights=w)
         else:
             self.source_priors_ = self.empirical_source_priors_.copy()
         if hasattr(self.estimator_, "n_features_in_"):
@@ -781,7 +821,7 @@ class LabelShiftAdapter(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
             priors = getattr(self, "target_priors_", None)
         if priors is None:
             return proba
-        return _adjust(proba, priors / self.source_priors_)
+        return reweight_posteriors(proba, priors / self.source_priors_)
 
     def predict_log_proba(self, X) -> np.ndarray:
         """Logarithm of :meth:`predict_proba`."""
@@ -792,6 +832,25 @@ class LabelShiftAdapter(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         """Most probable class under the adjusted posteriors."""
         check_is_fitted(self, "classes_")
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    def get_metadata_routing(self):
+        """Metadata routing: fit parameters to the base estimator, ``groups`` to ``cv``.
+
+        Returns
+        -------
+        sklearn.utils.metadata_routing.MetadataRouter
+        """
+        router = MetadataRouter(owner=type(self).__name__).add_self_request(self)
+        router.add(
+            estimator=self._get_estimator(),
+            method_mapping=MethodMapping().add(caller="fit", callee="fit"),
+        )
+        if not (isinstance(self.cv, str) or isinstance(self.cv, Integral)):
+            router.add(
+                splitter=check_cv(self.cv, classifier=True),
+                method_mapping=MethodMapping().add(caller="fit", callee="split"),
+            )
+        return router
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

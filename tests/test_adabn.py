@@ -121,7 +121,7 @@ def _params(net):
 # --------------------------------------------------------------------------------------------
 def test_bn_stats_equal_target_moments_and_weights_untouched():
     src, tgt = _imgs(8), _imgs(10, loc=3.0, scale=2.0, seed=1)
-    ada = AdaBN(TinyFeatures(batch_size=100), source_stats="recompute", domains=None).fit(src)
+    ada = AdaBN(TinyFeatures(batch_size=100), source_stats="recompute", site_column=None).fit(src)
     net = ada.estimator_.net_
     before = _params(net)
     ada.adapt(tgt)
@@ -146,7 +146,7 @@ def test_pooled_moments_do_not_depend_on_batch_size():
     tgt = _imgs(11, loc=-2.0, scale=0.5, seed=3)
     stats = []
     for bs in (2, 5, 100):
-        ada = AdaBN(TinyFeatures(), source_stats="recompute", domains=None, batch_size=bs).fit(
+        ada = AdaBN(TinyFeatures(), source_stats="recompute", site_column=None, batch_size=bs).fit(
             _imgs(4)
         )
         ada.adapt(tgt)
@@ -159,7 +159,7 @@ def test_pooled_moments_do_not_depend_on_batch_size():
 def test_dropout_stays_in_eval_mode():
     tgt = _imgs(6, loc=1.0, seed=4)
     ada = AdaBN(
-        TinyFeatures(dropout=0.9, batch_size=64), source_stats="recompute", domains=None
+        TinyFeatures(dropout=0.9, batch_size=64), source_stats="recompute", site_column=None
     ).fit(_imgs(4))
     ada.adapt(tgt)
     m1, v1 = _expected_bn1(ada.estimator_.net_, torch.from_numpy(tgt)[:, None])
@@ -210,19 +210,19 @@ def test_unseen_site_error_or_source():
     np.testing.assert_allclose(
         ada.transform(new), ada.transform(src.iloc[:2].assign(image=new["image"].to_numpy()))
     )
-    with pytest.raises(ValueError, match="has no 'site' column"):
+    with pytest.raises(ValueError, match="has no site column"):
         ada.transform(_imgs(2))
 
 
 def test_momentum_one_gives_last_batch_statistics():
     tgt = _imgs(8, loc=2.0, seed=7)
     ada = AdaBN(
-        TinyFeatures(), source_stats="recompute", domains=None, momentum=1.0, batch_size=4
+        TinyFeatures(), source_stats="recompute", site_column=None, momentum=1.0, batch_size=4
     ).fit(_imgs(4))
     ada.adapt(tgt)
     np.testing.assert_allclose(ada.bn_stats_["__target__"]["bn0"][0], [tgt[4:].mean()], rtol=1e-5)
     ada2 = AdaBN(
-        TinyFeatures(), source_stats="recompute", domains=None, n_batches=1, batch_size=4
+        TinyFeatures(), source_stats="recompute", site_column=None, n_batches=1, batch_size=4
     ).fit(_imgs(4))
     ada2.adapt(tgt)
     np.testing.assert_allclose(ada2.bn_stats_["__target__"]["bn0"][0], [tgt[:4].mean()], rtol=1e-5)
@@ -249,7 +249,7 @@ def test_classifier_wrapper_and_frozen_estimator_not_modified():
     src, y = _imgs(8), np.array([0, 1] * 4)
     clf = TinyClassifier().fit(src, y)
     ref_mean = clf.net_.bn0.running_mean.clone()
-    ada = AdaBN(FrozenEstimator(clf), domains=None, source_stats="keep").fit(src, y)
+    ada = AdaBN(FrozenEstimator(clf), site_column=None, source_stats="keep").fit(src, y)
     ada.adapt(_imgs(6, loc=3.0))
     proba = ada.predict_proba(src)
     assert proba.shape == (8, 2) and np.allclose(proba.sum(1), 1)
@@ -277,7 +277,7 @@ def test_inside_cross_validate_source_stats_from_training_fold_only(source_stats
             return self
 
     pipe = make_pipeline(
-        Spy(TinyFeatures(), domains=None, source_stats=source_stats), LogisticRegression()
+        Spy(TinyFeatures(), site_column=None, source_stats=source_stats), LogisticRegression()
     )
     cross_validate(
         pipe, imgs, y, cv=KFold(3), params={"spy__X_target": _imgs(5, loc=-1.0, seed=9)}
@@ -308,7 +308,7 @@ def _bn_outputs(net, x):
 
 def test_match_gives_target_the_source_output_moments_and_keeps_source():
     src, tgt = _imgs(9, loc=1.0, seed=11), _imgs(7, loc=-2.0, scale=3.0, seed=12)
-    ada = AdaBN(TinyFeatures(batch_size=64), domains=None).fit(src)  # source_stats="match"
+    ada = AdaBN(TinyFeatures(batch_size=64), site_column=None).fit(src)  # source_stats="match"
     net = ada.estimator_.net_
     original = TinyFeatures().fit(src).net_
     for name, (mean, var) in ada.bn_stats_["__source__"].items():  # network statistics kept
@@ -434,7 +434,7 @@ def test_with_pretrained_cnn_features():
     src = rng.random((6, 32, 32)).astype(np.float32)
     tgt = (0.3 * rng.random((5, 32, 32)) ** 2 + 0.6).astype(np.float32)
     fe = PretrainedCNNFeatures(input_size=64, precision="fp32", cache=False)
-    ada = AdaBN(fe, domains=None).fit(src)
+    ada = AdaBN(fe, site_column=None).fit(src)
     module = ada._skrtl_torch_module()
     before = _params(module)
     f_unadapted = ada.transform(tgt)
@@ -493,7 +493,7 @@ def test_wraps_fitted_finetune_classifier_via_frozen_estimator():
     ).fit(src, y)
     module = clf._skrtl_torch_module()
     ref_stats = {k: v.clone() for k, v in module.state_dict().items()}
-    ada = AdaBN(FrozenEstimator(clf), domains=None, source_stats="keep").fit(src, y)
+    ada = AdaBN(FrozenEstimator(clf), site_column=None, source_stats="keep").fit(src, y)
     p_unadapted = ada.predict_proba(tgt)
     np.testing.assert_allclose(p_unadapted, clf.predict_proba(tgt), rtol=1e-5, atol=1e-6)
     ada.adapt(tgt)

@@ -50,6 +50,7 @@ _CAL_CHECKS = [
     "check_pipeline_consistency",
     "check_positive_only_tag_during_fit",
     "check_readonly_memmap_input",
+    "check_sample_weight_equivalence_on_dense_data",
 ]
 _SURV = (
     "needs a structured (event, time) survival target; sklearn's checks pass class labels or "

@@ -18,10 +18,11 @@ from sklearn.utils import estimator_checks as ec
 
 from skrtl._features import (
     PretrainedCNNFeatures,
-    _Runner,
     clear_feature_cache,
     feature_cache_info,
 )
+from skrtl._inference import ConvAct, InferenceRunner
+from skrtl.utils import bf16_supported
 from skrtl._imaging import make_image_frame
 
 FAST = dict(input_size=32, batch_size=8)
@@ -45,13 +46,13 @@ def _blobs(n=12, size=32, seed=0):
 @pytest.fixture
 def count_forwards(monkeypatch):
     calls = {"n": 0}
-    orig = _Runner.__call__
+    orig = InferenceRunner.__call__
 
     def counting(self, x, pad_to=None):
         calls["n"] += int(x.shape[0])
         return orig(self, x, pad_to=pad_to)
 
-    monkeypatch.setattr(_Runner, "__call__", counting)
+    monkeypatch.setattr(InferenceRunner, "__call__", counting)
     return calls
 
 
@@ -307,11 +308,10 @@ def _needs_bf16(precision="bf16"):
 
 
 def test_auto_precision_resolves_by_device():
-    from skrtl._features import _bf16_supported
 
     X, _ = _blobs(2)
     fe = PretrainedCNNFeatures(**FAST, cache=False).fit(X)
-    expected = "mixed" if _bf16_supported(torch.device("cpu")) else "fp32"
+    expected = "mixed" if bf16_supported(torch.device("cpu")) else "fp32"
     assert fe.precision == "auto" and fe.precision_ == expected
     assert PretrainedCNNFeatures(**FAST, precision="fp32").fit(X).precision_ == "fp32"
 
@@ -319,13 +319,12 @@ def test_auto_precision_resolves_by_device():
 def test_fp32_runner_equals_the_plain_network():
     """Static "same" padding, BatchNorm folding, ReLU6 fusion and micro-batches: same output."""
     from skrtl._backbone import load_backbone
-    from skrtl._features import _ConvAct
 
     model = load_backbone()
     gen = torch.Generator().manual_seed(0)
     for size in ((64, 64), (47, 50)):  # even sizes: asymmetric TF padding; odd: symmetric
         x = torch.randn(11, 3, *size, generator=gen)
-        runner = _Runner(
+        runner = InferenceRunner(
             model,
             layer_modules=[""],
             in_chans=3,
@@ -336,14 +335,14 @@ def test_fp32_runner_equals_the_plain_network():
         )
         kinds = {type(m).__name__ for m in runner.net.modules()}
         assert "Conv2dSame" not in kinds and "BatchNormAct2d" not in kinds
-        assert any(isinstance(m, _ConvAct) for m in runner.net.modules())
+        assert any(isinstance(m, ConvAct) for m in runner.net.modules())
         with torch.no_grad():
             ref = model.forward_features(x)
         got = runner(x)[0]
         assert runner.micro_batch is not None and x.shape[0] > runner.micro_batch
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     # the fused convs fall back to conv + clamp when gradients are wanted
-    conv = next(m for m in runner.net.modules() if isinstance(m, _ConvAct))
+    conv = next(m for m in runner.net.modules() if isinstance(m, ConvAct))
     h = torch.randn(2, conv.in_channels, 9, 9)
     with torch.no_grad():
         fused = conv(h)
@@ -390,12 +389,11 @@ def test_fast_runner_on_other_architectures(name):
     with torch.no_grad():
         ref = model.forward_features(x)
     precisions = ["fp32"]
-    from skrtl._features import _bf16_supported
 
-    if _bf16_supported(torch.device("cpu")):
+    if bf16_supported(torch.device("cpu")):
         precisions.append("mixed")
     for precision in precisions:
-        runner = _Runner(
+        runner = InferenceRunner(
             model,
             layer_modules=[""],
             in_chans=3,

@@ -41,7 +41,7 @@ def _clf(**kw):
 
 @pytest.fixture(scope="module")
 def pretrained_state():
-    model = load_backbone(in_chans=1)
+    model = load_backbone(in_chans=3)  # grey images are replicated to the RGB channels
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -152,11 +152,18 @@ def test_frozen_layers_keep_weights_and_batchnorm_statistics(pretrained_state):
             else:
                 changed_bn += not same
     assert frozen_bn >= 3 and changed_bn >= 3
-    # the wrapper puts frozen BatchNorm layers in eval mode whenever it trains
+    # the FreezeBatchNorm callback puts frozen BatchNorm layers in eval mode whenever the
+    # network trains (skorch switches everything to train mode before each batch)
+    callback = dict(clf.net_.callbacks_)["skrtl_freeze_bn"]
+    callback.on_train_begin(clf.net_)
     clf.net_.module_.train()
     first_bn = model.get_submodule(layers[0].module_names[-1])
+    with torch.no_grad():
+        clf.net_.module_(torch.zeros(2, 3, SIZE, SIZE))
     assert not first_bn.training
     assert model.get_submodule(layers[k].module_names[-1]).training
+    callback.on_train_end(clf.net_)
+    assert callback.handles_ == []
     clf.net_.module_.eval()
 
 
@@ -179,8 +186,10 @@ def test_prefix_caching_matches_uncached_training(monkeypatch):
     plain = _clf(**kw).fit(X, y)
     assert plain.cached_prefix_ == 0
     np.testing.assert_allclose(cached.predict_proba(X), plain.predict_proba(X), atol=1e-4)
+    # float rounding of the frozen layers differs with the batch composition; Adam turns that
+    # into small weight differences, so the losses agree to rounding, not bit for bit
     for a, b in zip(cached.history_, plain.history_):
-        assert a["valid_loss"] == pytest.approx(b["valid_loss"], abs=1e-4)
+        assert a["valid_loss"] == pytest.approx(b["valid_loss"], abs=5e-4)
     # after fit the module takes images again
     assert cached.net_.module_.start == 0
 
@@ -250,7 +259,7 @@ def test_first_fit_in_a_process_is_reproducible():
 
 
 def _member_proba(clf, X, flip=False):
-    x = clf._to_tensor(clf._scaled_images(X)[0])
+    x = torch.cat([b for b, _ in clf._skrtl_iter_inputs(X)])
     if flip:
         x = x.flip(-1)
     with torch.no_grad():
@@ -365,19 +374,19 @@ def test_image_frame_25d_and_3d_inputs():
     batches = list(clf3._skrtl_iter_inputs(frame, batch_size=5))
     idx = np.concatenate([i for _, i in batches])
     np.testing.assert_array_equal(idx, np.repeat(np.arange(8), 2))  # 2 masked slices each
-    assert batches[0][0].shape == (5, 1, SIZE, SIZE)
+    assert batches[0][0].shape == (5, 3, SIZE, SIZE)  # grey -> RGB
 
 
 def test_adabn_wraps_the_classifier():
     from skrtl._adabn import AdaBN
 
     X, y = _data()
-    ada = AdaBN(_clf(freeze_depth=2, lr=0.05, max_epochs=2), domains=None).fit(X, y)
-    before = ada.predict_proba(X)
+    ada = AdaBN(_clf(freeze_depth=2, lr=0.05, max_epochs=2), site_column=None).fit(X, y)
+    before = ada.decision_function(X)
     ada.adapt(X**2)  # a non-affine intensity change (an affine one is normalised away)
-    after = ada.predict_proba(X)
-    assert before.shape == after.shape == (16, 2)
-    assert np.abs(before - after).max() > 1e-4  # target statistics change the predictions
+    after = ada.decision_function(X)
+    assert before.shape == after.shape == (16,)
+    assert np.abs(before - after).max() > 1e-2  # target statistics change the predictions
     module = ada.estimator_._skrtl_torch_module()
     assert isinstance(module, torch.nn.Module)
 

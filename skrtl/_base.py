@@ -1,0 +1,348 @@
+"""Shared foundations of skrtl's estimators: image tags, image parameters, the torch network
+protocol and the site vocabulary.
+
+Estimators that take images combine, from left to right,
+
+* :class:`ImageEstimatorMixin`: the scikit-learn tags of image input (3-D arrays or image
+  frames, no tabular 2-D data) and of image transformers (no dtype is preserved);
+* scikit-learn's role mixin (``TransformerMixin``, ``ClassifierMixin``);
+* :class:`BaseTorchImageEstimator` for estimators that run a torch network on images: the image
+  parameters and their constraints, declared once and merged by subclasses the
+  imbalanced-learn way (``{**BaseTorchImageEstimator._parameter_constraints, ...}``), the
+  reading of image input and the construction of the one preprocessing path
+  (:class:`~skrtl._preprocess.ImagePreprocessor`); or ``BaseEstimator`` for the others.
+
+:class:`TorchNetworkMixin` documents the protocol through which wrappers such as
+:class:`~skrtl.AdaBN` reach the network of a fitted estimator.
+
+Site-aware estimators (AdaBN, ComBat, histogram matching, domain adaptation) share one
+vocabulary: ``site_column`` names the frame / DataFrame column holding each row's site (``None``
+ignores it), the routed metadata ``sample_domain`` overrides it, and ``unseen`` says what
+happens to a site that was not seen in ``fit``: ``"error"`` raises, ``"reference"`` treats it as
+the reference (source / pooled) site, ``"batch"`` estimates its statistics from its rows in the
+batch being transformed (with a :class:`~skrtl.HarmonizationWarning`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from collections.abc import Iterator
+from numbers import Integral
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.base import BaseEstimator
+from sklearn.utils._param_validation import Interval, StrOptions
+from torch import nn
+
+from ._imaging import ImageInput, read_image_frame
+from ._preprocess import INTENSITY_METHODS, ImagePreprocessor
+
+__all__ = [
+    "DEFAULT_SITE_COLUMN",
+    "MIN_IMAGE_SIDE",
+    "UNSEEN_OPTIONS",
+    "BaseTorchImageEstimator",
+    "HarmonizationWarning",
+    "ImageEstimatorMixin",
+    "TorchNetworkMixin",
+    "resolve_unseen",
+    "site_labels",
+    "unseen_constraint",
+]
+
+#: Smallest image side (pixels) that is resized to a network input.
+MIN_IMAGE_SIDE = 8
+DEFAULT_SITE_COLUMN = "site"
+#: What a site-aware estimator does with a site it did not see in ``fit``.
+UNSEEN_OPTIONS = ("error", "reference", "batch")
+# earlier names of the same options (accepted with a FutureWarning)
+_UNSEEN_ALIASES = {"source": "reference", "pooled": "reference", "fit": "batch"}
+
+
+class HarmonizationWarning(UserWarning):
+    """A harmonizer used a documented fallback, or measurably increased the site shift."""
+
+
+# --------------------------------------------------------------------------------------------
+# tags
+# --------------------------------------------------------------------------------------------
+class ImageEstimatorMixin:
+    """scikit-learn tags of estimators whose input is images (arrays or image frames).
+
+    Put it first among the bases: ``class E(ImageEstimatorMixin, TransformerMixin,
+    BaseEstimator)``.
+    """
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        tags.requires_fit = True
+        if tags.transformer_tags is not None:
+            tags.transformer_tags.preserves_dtype = []
+        return tags
+
+
+# --------------------------------------------------------------------------------------------
+# the torch network protocol
+# --------------------------------------------------------------------------------------------
+class TorchNetworkMixin:
+    """Protocol of estimators that run a torch network, for wrappers such as AdaBN.
+
+    A fitted estimator implementing it exposes
+
+    ``_skrtl_torch_module()``
+        The network (an ``nn.Module``) whose BatchNorm statistics describe the source domain.
+        The estimator must own it: a wrapper may change its state.
+    ``_skrtl_iter_inputs(X, batch_size=None)``
+        Yields ``(x, owners)``: network input batches of ``X`` on the network's device,
+        preprocessed exactly as ``transform`` / ``predict`` preprocess them, and the sample
+        index of each row of ``x``.
+    ``_skrtl_invalidate_cache()``
+        Forget anything computed from the network's state (called after that state changed).
+    ``_skrtl_network_copy()``
+        A copy of the fitted estimator that owns a private copy of its network, so that its
+        state can be changed without touching this estimator (AdaBN keeps one per site).
+
+    The defaults below implement the last two; estimators implement the first two.
+    """
+
+    def _skrtl_torch_module(self) -> nn.Module:  # pragma: no cover - protocol
+        raise NotImplementedError
+
+    def _skrtl_iter_inputs(self, X, batch_size=None) -> Iterator:  # pragma: no cover
+        raise NotImplementedError
+
+    def _skrtl_invalidate_cache(self) -> None:
+        return None
+
+    def _skrtl_network_copy(self):
+        return copy.deepcopy(self)
+
+
+# --------------------------------------------------------------------------------------------
+# torch image estimators
+# --------------------------------------------------------------------------------------------
+class BaseTorchImageEstimator(TorchNetworkMixin, BaseEstimator):
+    """Image parameters, input reading and preprocessing shared by the torch image estimators.
+
+    Subclasses declare every parameter in their own ``__init__`` (scikit-learn reads the
+    signature) and merge the constraints: ``_parameter_constraints = {**BaseTorchImageEstimator.
+    _parameter_constraints, "own_param": [...]}``. The shared parameters mean the same in every
+    estimator:
+
+    ``backbone``, ``weights``, ``pretrained``
+        The timm network and its weights (:func:`skrtl.load_backbone`).
+    ``mode``, ``slices``, ``n_slices``
+        ``"2d"`` images, ``"2.5d"`` planes through the lesion centre, ``"3d"`` slice-wise.
+    ``input_size``, ``intensity``, ``windows``, ``percentiles``
+        The preprocessing (:mod:`skrtl._preprocess`).
+    ``device``
+        ``"auto"``: CUDA when available, else the CPU.
+    """
+
+    _parameter_constraints: dict = {
+        "backbone": [str],
+        "weights": [str, os.PathLike, None],
+        "pretrained": ["boolean"],
+        "mode": [StrOptions({"2d", "2.5d", "3d"})],
+        "slices": [StrOptions({"orthogonal", "adjacent"})],
+        "n_slices": [Interval(Integral, 1, None, closed="left")],
+        "input_size": [Interval(Integral, 1, None, closed="left"), tuple, list],
+        "intensity": [StrOptions(set(INTENSITY_METHODS))],
+        "windows": [list, tuple, None],
+        "percentiles": [tuple, list],
+        "device": [str, torch.device],
+        "verbose": ["verbose"],
+    }
+
+    # ------------------------------------------------------------------ parameters
+    def _check_image_params(self) -> tuple[tuple[int, int], list | None]:
+        """Validated ``(input size (h, w), CT windows or None)``."""
+        size = self.input_size
+        if isinstance(size, Integral):
+            size = (int(size), int(size))
+        else:
+            size = tuple(size)
+            if len(size) != 2 or not all(
+                isinstance(s, Integral) and not isinstance(s, bool) and s > 0 for s in size
+            ):
+                raise ValueError(
+                    f"input_size must be a positive int or a pair (height, width), got "
+                    f"{self.input_size!r}."
+                )
+            size = (int(size[0]), int(size[1]))
+        windows = None
+        if self.windows is not None:
+            try:
+                windows = [(float(lv), float(wd)) for lv, wd in self.windows]
+            except (TypeError, ValueError) as exc:
+                raise ValueError(
+                    "windows must be a list of (level, width) pairs in HU, e.g. "
+                    f"[(40, 400), (-600, 1500)]; got {self.windows!r}."
+                ) from exc
+            if not windows or any(wd <= 0 for _, wd in windows):
+                raise ValueError(
+                    f"windows must be a non-empty list of (level, width) with width > 0, got "
+                    f"{self.windows!r}."
+                )
+        if self.intensity == "window" and windows is None:
+            raise ValueError(
+                "intensity='window' needs windows=[(level, width), ...], e.g. [(40, 400)]."
+            )
+        if windows is not None and self.intensity not in ("auto", "window"):
+            raise ValueError(
+                f"windows are given but intensity={self.intensity!r}; use intensity='window' "
+                "(or 'auto') with windows, or drop windows."
+            )
+        p = tuple(self.percentiles)
+        if len(p) != 2 or not (0 <= p[0] < p[1] <= 100):
+            raise ValueError(
+                f"percentiles must be (low, high) with 0 <= low < high <= 100, got "
+                f"{self.percentiles!r}."
+            )
+        if self.mode == "2.5d" and self.slices == "orthogonal" and windows and len(windows) > 1:
+            raise ValueError(
+                "mode='2.5d' with slices='orthogonal' stacks three planes as channels and "
+                f"needs one intensity channel, got {len(windows)} windows; use one window or "
+                "slices='adjacent'."
+            )
+        return size, windows
+
+    # ------------------------------------------------------------------ input
+    def _read(self, X) -> ImageInput:
+        """Validated image input; images smaller than :data:`MIN_IMAGE_SIDE` are refused."""
+        data = read_image_frame(X, mode=self.mode, estimator_name=type(self).__name__)
+        for i, img in enumerate(data.images):
+            spatial = img.shape[:2] if self.mode == "2d" else img.shape[1:]
+            if min(spatial) < MIN_IMAGE_SIDE:
+                raise ValueError(
+                    f"image {i} has spatial shape {tuple(img.shape)!r}: sides below "
+                    f"{MIN_IMAGE_SIDE} px cannot be resized meaningfully to "
+                    f"input_size={self.input_size!r}. Crop larger regions or drop the sample."
+                )
+        return data
+
+    def _intensity_channels(self, windows, data: ImageInput) -> int:
+        """Channels of one network image before replication to the network's channels."""
+        if self.mode == "2.5d":
+            if self.slices == "orthogonal":
+                return 3
+            return self.n_slices * (len(windows) if windows else 1)
+        if windows:
+            return len(windows)
+        chans = {
+            int(img.shape[2]) if (self.mode == "2d" and img.ndim == 3) else 1
+            for img in data.images
+        }
+        if len(chans) != 1:
+            raise ValueError(
+                f"{type(self).__name__}: the images have different numbers of channels "
+                f"{sorted(chans)!r}; give all images the same channels (grey or RGB)."
+            )
+        return chans.pop()
+
+    @staticmethod
+    def _network_in_chans(n_channels: int) -> int:
+        """Network input channels: 3 for grey or RGB images (grey is replicated), else as is."""
+        return 3 if n_channels in (1, 3) else int(n_channels)
+
+    def _make_preprocessor(
+        self, *, size, windows, in_chans: int, mean, std, slice_selection: str = "mask"
+    ) -> ImagePreprocessor:
+        return ImagePreprocessor(
+            mode=self.mode,
+            intensity=self.intensity,
+            windows=tuple(tuple(w) for w in windows) if windows else None,
+            percentiles=tuple(float(p) for p in self.percentiles),
+            slices=self.slices,
+            n_slices=int(self.n_slices),
+            slice_selection=slice_selection,
+            size=tuple(size),
+            in_chans=int(in_chans),
+            mean=tuple(float(v) for v in mean),
+            std=tuple(float(v) for v in std),
+        )
+
+    def _check_min_size(self, size, min_size: int) -> None:
+        if min(size) < min_size:
+            raise ValueError(
+                f"input_size={self.input_size!r} is smaller than the minimum {min_size} px that "
+                f"{self.backbone!r} accepts (its total stride); use input_size >= {min_size} "
+                "(224 is the pretraining size)."
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# site vocabulary
+# --------------------------------------------------------------------------------------------
+def unseen_constraint() -> list:
+    """The ``_parameter_constraints`` entry of ``unseen`` (earlier option names deprecated)."""
+    options = set(UNSEEN_OPTIONS) | set(_UNSEEN_ALIASES)
+    return [StrOptions(options, deprecated=set(_UNSEEN_ALIASES))]
+
+
+def resolve_unseen(value: str, estimator_name: str) -> str:
+    """The current name of an ``unseen`` option (earlier names give a FutureWarning)."""
+    if value in _UNSEEN_ALIASES:
+        new = _UNSEEN_ALIASES[value]
+        warnings.warn(
+            f"{estimator_name}(unseen={value!r}) is deprecated; use unseen={new!r} (the same "
+            f"behaviour). Options: {UNSEEN_OPTIONS!r}.",
+            FutureWarning,
+            stacklevel=3,
+        )
+        return new
+    return value
+
+
+def site_labels(X, *, site_column, sample_domain=None, name: str = "estimator"):
+    """Site label (str) of every row: routed ``sample_domain``, else the site column, else None.
+
+    Parameters
+    ----------
+    X : DataFrame, ndarray or image input
+    site_column : str or None
+        Column of a DataFrame ``X`` holding the sites; ``None`` ignores any site column.
+    sample_domain : array-like of shape (n_samples,), optional
+        Routed site / domain labels; they take precedence over the column.
+    name : str
+        Estimator name for error messages.
+
+    Returns
+    -------
+    ndarray of object (str) of shape (n_samples,), or None
+
+    Raises
+    ------
+    ValueError
+        On a label count that differs from the rows of ``X``, or a missing (NaN / None)
+        label: every row needs a site.
+    """
+    n = len(X) if hasattr(X, "__len__") else np.asarray(X).shape[0]
+    if sample_domain is not None:
+        raw = np.asarray(sample_domain, dtype=object)
+        if raw.ndim != 1 or raw.shape[0] != n:
+            raise ValueError(
+                f"{name}: sample_domain must have shape ({n},) (one site per row of X), got "
+                f"{np.shape(sample_domain)!r}."
+            )
+        source = "sample_domain"
+    elif site_column is not None and isinstance(X, pd.DataFrame) and site_column in X.columns:
+        raw = X[site_column].to_numpy(dtype=object)
+        source = f"column {site_column!r}"
+    else:
+        return None
+    missing = pd.isna(pd.Series(raw, dtype=object)).to_numpy()
+    if missing.any():
+        rows = np.flatnonzero(missing)
+        raise ValueError(
+            f"{name}: the site labels ({source}) are missing (NaN / None) for {rows.size} rows "
+            f"(first rows {rows[:5].tolist()!r}); every row needs a site. Label them (e.g. "
+            "'unknown' as its own site) or drop them."
+        )
+    return np.asarray([str(v) for v in raw], dtype=object)

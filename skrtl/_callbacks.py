@@ -1,0 +1,205 @@
+"""skorch callbacks of skrtl: frozen BatchNorm layers, validation scores and Optuna pruning.
+
+* :class:`FreezeBatchNorm` keeps the normalisation (and dropout) of frozen layers in eval mode
+  during training, so their running statistics keep their pretrained values. skorch's
+  ``Freezer`` only stops gradients: BatchNorm layers of "frozen" layers would still update
+  their statistics and normalise with batch statistics.
+* :func:`validation_scoring` scores the validation split every epoch with a ranking metric
+  (ROC AUC for two classes, accuracy otherwise).
+* :class:`OptunaPruning` reports each epoch's validation metric of one cross-validation fold to
+  an Optuna trial (see :class:`skrtl.TransferSearchCV` for the step scheme) and prunes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import optuna
+from skorch.callbacks import Callback, EpochScoring
+
+__all__ = [
+    "MONITORS",
+    "FoldReporter",
+    "FreezeBatchNorm",
+    "OptunaPruning",
+    "validation_scoring",
+]
+
+# history keys tried (in this order) for pruning reports, with the sign that makes them
+# "greater is better" like scikit-learn scorers (the study always maximises)
+MONITORS: tuple[tuple[str, float], ...] = (
+    ("valid_auc", 1.0),
+    ("valid_acc", 1.0),
+    ("valid_loss", -1.0),
+)
+
+
+class _EvalPreHook:
+    """Forward-pre hook putting its module in eval mode (picklable, unlike a lambda)."""
+
+    def __call__(self, module, args):
+        if module.training:
+            module.train(False)
+
+
+def _mode_dependent(module) -> bool:
+    """Modules whose forward depends on train / eval mode: BatchNorm, dropout, drop-path."""
+    if getattr(module, "running_mean", None) is not None:
+        return True
+    name = type(module).__name__.lower()
+    return "dropout" in name or "droppath" in name or "drop_path" in name
+
+
+class FreezeBatchNorm(Callback):
+    """Keep the BatchNorm (and dropout) layers of frozen modules in eval mode while training.
+
+    skorch switches the whole module to train mode before every training batch; this callback
+    registers forward-pre hooks that switch the named modules (and their mode-dependent
+    submodules) back to eval just before they run, from ``on_train_begin`` to
+    ``on_train_end``. Their running statistics therefore keep their values and they normalise
+    with them, as a frozen layer should.
+
+    Parameters
+    ----------
+    module_names : iterable of str
+        Names of frozen modules inside the skorch net's ``module_``
+        (``net.module_.get_submodule(name)``).
+    """
+
+    def __init__(self, module_names: Iterable[str] = ()):
+        self.module_names = module_names
+
+    def initialize(self):
+        self.handles_ = []
+        return self
+
+    def on_train_begin(self, net, X=None, y=None, **kwargs):
+        self._remove()
+        hook = _EvalPreHook()
+        seen = set()
+        for name in self.module_names:
+            root = net.module_.get_submodule(name)
+            for sub in root.modules():
+                if id(sub) not in seen and _mode_dependent(sub):
+                    seen.add(id(sub))
+                    self.handles_.append(sub.register_forward_pre_hook(hook))
+
+    def on_train_end(self, net, X=None, y=None, **kwargs):
+        self._remove()
+
+    def _remove(self):
+        for handle in getattr(self, "handles_", []):
+            handle.remove()
+        self.handles_ = []
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["handles_"] = []
+        return state
+
+
+def _valid_auc(net, X, y):
+    """ROC AUC of the positive class on the validation set (nan with a single class)."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y)
+    if np.unique(y).size < 2:
+        return float("nan")
+    proba = net.predict_proba(X)
+    return float(roc_auc_score(y, proba[:, 1]))
+
+
+def _valid_acc(net, X, y):
+    proba = net.predict_proba(X)
+    return float(np.mean(np.argmax(proba, axis=1) == np.asarray(y)))
+
+
+def validation_scoring(n_classes: int) -> tuple[str, EpochScoring]:
+    """``(name, EpochScoring)`` of the validation ROC AUC (2 classes) or accuracy."""
+    name, func = ("valid_auc", _valid_auc) if n_classes == 2 else ("valid_acc", _valid_acc)
+    return f"skrtl_{name}", EpochScoring(func, lower_is_better=False, name=name)
+
+
+class FoldReporter:
+    """Per-fold state shared between the CV objective and the :class:`OptunaPruning` callback.
+
+    Parameters
+    ----------
+    trial : optuna.Trial
+    fold : int
+        Index of the cross-validation fold.
+    stride : int
+        Steps per fold (``epochs_per_fold``): epoch ``e`` of fold ``f`` is step
+        ``f * stride + e``.
+    monitor : str or None
+        History key to report (prefix ``-`` or a name ending in ``loss``: lower is better);
+        ``None`` tries :data:`MONITORS` in order.
+    """
+
+    def __init__(self, trial, fold: int, stride: int, monitor: str | None):
+        self.trial = trial
+        self.fold = fold
+        self.stride = stride
+        self.monitor = monitor
+        self.n_epochs = 0
+        self.n_reports = 0
+        self.reported: set[int] = set()
+        self.pruned = False
+
+    def _value(self, row: Mapping) -> tuple[str, float] | None:
+        if self.monitor is not None:
+            key = self.monitor.lstrip("-")
+            sign = -1.0 if self.monitor.startswith("-") or key.endswith("loss") else 1.0
+            if key in row and row[key] is not None:
+                return self.monitor, sign * float(row[key])
+            return None
+        for key, sign in MONITORS:
+            if key in row and row[key] is not None:
+                return key, sign * float(row[key])
+        return None
+
+    def report(self, row: Mapping) -> None:
+        """Report one completed history row; raises ``optuna.TrialPruned`` when pruned."""
+        epoch = int(row.get("epoch", len(self.reported) + 1)) - 1  # skorch counts from 1
+        if epoch in self.reported or epoch >= self.stride or self.pruned:
+            return
+        found = self._value(row)
+        if found is None:
+            return
+        value = found[1]
+        self.monitor = found[0] if self.monitor is None else self.monitor
+        self.reported.add(epoch)
+        self.n_reports += 1
+        self.trial.report(value, self.fold * self.stride + epoch)
+        if self.trial.should_prune():
+            self.pruned = True
+            raise optuna.TrialPruned(
+                f"pruned at fold {self.fold}, epoch {epoch + 1} ({self.monitor}={value:.4g})"
+            )
+
+
+class OptunaPruning(Callback):
+    """Reports completed epochs to an Optuna trial through a :class:`FoldReporter`; prunes.
+
+    A history row is complete (all scoring callbacks have written to it) only at the next
+    ``on_epoch_begin`` or at ``on_train_end``, whatever the order of the other callbacks, so
+    the report happens there; no training happens in between.
+    """
+
+    def __init__(self, reporter: FoldReporter | None = None):
+        self.reporter = reporter
+
+    def __deepcopy__(self, memo):  # a per-fit hook: clones share the live reporter
+        return self
+
+    def on_epoch_begin(self, net, **kwargs):
+        if len(net.history) >= 2:
+            self.reporter.report(net.history[-2])
+
+    def on_epoch_end(self, net, **kwargs):
+        self.reporter.n_epochs += 1
+
+    def on_train_end(self, net, **kwargs):
+        if len(net.history) >= 1:
+            self.reporter.report(net.history[-1])

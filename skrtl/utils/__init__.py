@@ -1,0 +1,34 @@
+"""Shared machinery of skrtl: the one home of caches, seeds, hooks, devices and hashes.
+
+Every skrtl module takes these helpers from here instead of writing its own (see
+``docs/architecture.md``). The names are stable within skrtl but are not part of the public,
+documented API of the package.
+"""
+
+from ._cache import LRUCache, nbytes_of
+from ._device import bf16_supported, can_fuse_on_cpu, resolve_device
+from ._hashing import fingerprint, hash_array
+from ._hooks import StopForward, call_order, capture_outputs, forward_hooks, stop_after
+from ._indexing import index_params
+from ._proba import PROBA_FLOOR, reweight_posteriors
+from ._random import derive_seed, root_seed
+
+__all__ = [
+    "PROBA_FLOOR",
+    "LRUCache",
+    "StopForward",
+    "bf16_supported",
+    "call_order",
+    "can_fuse_on_cpu",
+    "capture_outputs",
+    "derive_seed",
+    "fingerprint",
+    "forward_hooks",
+    "hash_array",
+    "index_params",
+    "nbytes_of",
+    "resolve_device",
+    "reweight_posteriors",
+    "root_seed",
+    "stop_after",
+]
