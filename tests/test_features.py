@@ -21,9 +21,9 @@ from skrtl._features import (
     clear_feature_cache,
     feature_cache_info,
 )
+from skrtl._imaging import make_image_frame
 from skrtl._inference import ConvAct, InferenceRunner
 from skrtl.utils import bf16_supported
-from skrtl._imaging import make_image_frame
 
 FAST = dict(input_size=32, batch_size=8)
 
