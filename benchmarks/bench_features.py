@@ -25,43 +25,32 @@ Measured:
 
 Usage::
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_features.py        # full run (10-30 min, 2 cores)
-    python benchmarks/bench_features.py --quick                  # smoke run (~1 min)
+    OMP_NUM_THREADS=2 python benchmarks/bench_features.py        # full run
+    python benchmarks/bench_features.py --quick                  # smoke run
     python benchmarks/bench_features.py --sections cache,memory --merge   # redo some parts
+
+Results: ``results/features.json`` (schema in ``_common.py``), one row per section.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
-import time
-from pathlib import Path
+from functools import partial
 
 import numpy as np
-
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-DATA_DIR = Path(os.environ.get("SKRTL_DATA_DIR", HERE.parent.parent / "shared" / "data"))
-sys.path.insert(0, str(HERE.parent))
-
-
-def _load():
-    path = DATA_DIR / "breastmnist.npz"
-    if not path.is_file():
-        sys.exit(f"BreastMNIST not found at {path}; set SKRTL_DATA_DIR.")
-    d = np.load(path)
-    return {k: d[k] for k in d.files}
-
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
+from _common import (
+    Benchmark,
+    Stopwatch,
+    alternate,
+    bench_parser,
+    load_medmnist_splits,
+    pooled,
+    read_result,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,8 +58,7 @@ def bench_speed(X, *, repeats: int, with_compile: bool) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from skrtl._backbone import backbone_data_config, load_backbone
-    from skrtl._features import PretrainedCNNFeatures
+    from skrtl import PretrainedCNNFeatures, backbone_data_config, load_backbone
 
     model = load_backbone()
     cfg = backbone_data_config(model)
@@ -100,22 +88,15 @@ def bench_speed(X, *, repeats: int, with_compile: bool) -> dict:
     }
     if with_compile:
         variants["compile"] = PretrainedCNNFeatures(cache=False, compile=True).fit(X)
-        t = time.perf_counter()
-        variants["compile"].transform(X[:32])
-        out["compile_warmup_s"] = round(time.perf_counter() - t, 1)
+        with Stopwatch() as sw:
+            variants["compile"].transform(X[:32])
+        out["compile_warmup_s"] = round(sw.seconds, 1)
     for est in variants.values():
         est.transform(X[:8])  # build the inference copies
-    runs: dict = {"plain_fp32": [], **{k: [] for k in variants}}
-    feats = {}
-    plain_feats = None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        plain_feats = plain()
-        runs["plain_fp32"].append(len(X) / (time.perf_counter() - t))
-        for key, est in variants.items():
-            t = time.perf_counter()
-            feats[key] = est.transform(X)
-            runs[key].append(len(X) / (time.perf_counter() - t))
+    funcs = {"plain_fp32": plain, **{k: partial(e.transform, X) for k, e in variants.items()}}
+    seconds, feats = alternate(funcs, repeats)
+    runs = {key: [len(X) / s for s in vals] for key, vals in seconds.items()}
+    plain_feats = feats["plain_fp32"]
     for key, vals in runs.items():
         out[f"{key}_img_per_s"] = round(max(vals), 1)
         out[f"{key}_img_per_s_runs"] = [round(v, 1) for v in vals]
@@ -129,18 +110,17 @@ def bench_speed(X, *, repeats: int, with_compile: bool) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-def bench_probe(data, *, n_train: int | None, n_test: int | None, input_size: int) -> dict:
+def bench_probe(splits, *, n_train: int | None, n_test: int | None, input_size: int) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from skrtl._features import PretrainedCNNFeatures
+    from skrtl import PretrainedCNNFeatures
 
-    Xtr = np.concatenate([data["train_images"], data["val_images"]])
-    ytr = np.concatenate([data["train_labels"], data["val_labels"]]).ravel()
-    Xte, yte = data["test_images"], data["test_labels"].ravel()
+    Xtr, ytr = pooled(splits, "train", "val")
+    Xte, yte = splits["test"]
     if n_train:
         Xtr, ytr = Xtr[:n_train], ytr[:n_train]
     if n_test:
@@ -156,10 +136,10 @@ def bench_probe(data, *, n_train: int | None, n_test: int | None, input_size: in
         )
 
     cv = StratifiedKFold(5, shuffle=True, random_state=0)
-    t = time.perf_counter()
-    grid = GridSearchCV(pipe("fp32"), {"logisticregression__C": Cs}, cv=cv, scoring="roc_auc")
-    grid.fit(Xtr, ytr)
-    out["fp32_grid_search_s"] = round(time.perf_counter() - t, 1)
+    with Stopwatch() as sw:
+        grid = GridSearchCV(pipe("fp32"), {"logisticregression__C": Cs}, cv=cv, scoring="roc_auc")
+        grid.fit(Xtr, ytr)
+    out["fp32_grid_search_s"] = round(sw.seconds, 1)
     best_c = float(grid.best_params_["logisticregression__C"])
     out["best_C"] = best_c
     out["cv_auc_fp32"] = round(float(grid.best_score_), 4)
@@ -168,11 +148,11 @@ def bench_probe(data, *, n_train: int | None, n_test: int | None, input_size: in
         p = pipe(precision or "fp32", C=best_c)
         if precision is None:
             p.set_params(pretrainedcnnfeatures=PretrainedCNNFeatures(input_size=input_size))
-        t = time.perf_counter()
-        p.fit(Xtr, ytr)
-        aucs[name] = roc_auc_score(yte, p.predict_proba(Xte)[:, 1])
+        with Stopwatch() as sw:
+            p.fit(Xtr, ytr)
+            aucs[name] = roc_auc_score(yte, p.predict_proba(Xte)[:, 1])
         out[f"{name}_precision"] = p[0].precision_
-        out[f"{name}_fit_predict_s"] = round(time.perf_counter() - t, 1)
+        out[f"{name}_fit_predict_s"] = round(sw.seconds, 1)
     for name, auc in aucs.items():
         out[f"test_auc_{name}"] = round(float(auc), 4)
     out["abs_auc_diff_default"] = round(abs(aucs["default"] - aucs["fp32"]), 4)
@@ -212,7 +192,7 @@ def bench_cache(X, y, *, input_size: int) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from skrtl._features import PretrainedCNNFeatures, clear_feature_cache
+    from skrtl import PretrainedCNNFeatures, clear_feature_cache
 
     grid = {"logisticregression__C": np.logspace(-3, 2, 10)}
     cv = StratifiedKFold(5, shuffle=True, random_state=0)
@@ -224,9 +204,9 @@ def bench_cache(X, y, *, input_size: int) -> dict:
             StandardScaler(),
             LogisticRegression(max_iter=2000),
         )
-        t = time.perf_counter()
-        GridSearchCV(pipe, grid, cv=cv, scoring="roc_auc").fit(X, y)
-        times[cache] = time.perf_counter() - t
+        with Stopwatch() as sw:
+            GridSearchCV(pipe, grid, cv=cv, scoring="roc_auc").fit(X, y)
+        times[cache] = sw.seconds
     return {
         "n_images": len(X),
         "input_size": input_size,
@@ -241,10 +221,10 @@ def bench_cache(X, y, *, input_size: int) -> dict:
 # --------------------------------------------------------------------------------------------
 def _memory_probe(n: int, input_size: int) -> None:
     """Run in a fresh process: extract features of n images, print peak RSS (MiB)."""
-    from skrtl._features import PretrainedCNNFeatures
+    from skrtl import PretrainedCNNFeatures
 
-    data = _load()
-    X = np.resize(data["train_images"], (n,) + data["train_images"].shape[1:])
+    X_train = load_medmnist_splits("breastmnist", splits=["train"])["train"][0]
+    X = np.resize(X_train, (n,) + X_train.shape[1:])
     fe = PretrainedCNNFeatures(input_size=input_size, cache=False).fit(X[:8])
     fe.transform(X[: fe.batch_size])  # one full batch: the per-batch working memory
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -283,63 +263,72 @@ def bench_memory(ns: list[int], input_size: int) -> dict:
 
 # --------------------------------------------------------------------------------------------
 SECTIONS = ("speed", "probe", "cache", "memory")
+# (printed label, section, key): the rows of the printed table and the summary; a label may
+# name other values of its section, e.g. {n_images}
+SUMMARY = (
+    ("plain fp32 timm loop (img/s)", "speed", "plain_fp32_img_per_s"),
+    ("defaults, {default_precision} (img/s)", "speed", "default_img_per_s"),
+    ("speed-up defaults / plain", "speed", "speedup_default_vs_plain"),
+    ("precision='fp32' (img/s)", "speed", "fp32_img_per_s"),
+    ("speed-up fp32 / plain", "speed", "speedup_fp32_vs_plain"),
+    ("precision='bf16' (img/s)", "speed", "bf16_img_per_s"),
+    ("speed-up bf16 / plain", "speed", "speedup_bf16_vs_plain"),
+    ("compile=True (img/s)", "speed", "compile_img_per_s"),
+    ("test AUC plain fp32 (C by CV)", "probe", "test_auc_fp32"),
+    ("test AUC defaults", "probe", "test_auc_default"),
+    ("test AUC bf16", "probe", "test_auc_bf16"),
+    ("|AUC diff| defaults", "probe", "abs_auc_diff_default"),
+    ("|AUC diff| bf16", "probe", "abs_auc_diff_bf16"),
+    ("max |AUC diff| defaults over 10 C", "probe", "default_max_abs_auc_diff_over_C_grid"),
+    ("max |AUC diff| bf16 over 10 C", "probe", "bf16_max_abs_auc_diff_over_C_grid"),
+    ("GridSearchCV 5x10, {n_images} images, no cache (s)", "cache", "no_cache_s"),
+    ("GridSearchCV 5x10, cache (s)", "cache", "cache_s"),
+    ("cache speed-up", "cache", "speedup"),
+    ("peak RSS growth n->16n (MiB)", "memory", "peak_growth_mib"),
+    ("output matrix growth (MiB)", "memory", "output_matrix_growth_mib"),
+)
 
 
-def _summary(results: dict) -> list[tuple[str, object]]:
-    rows: list[tuple[str, object]] = []
-    sp, pr = results.get("speed"), results.get("probe")
-    ca, me = results.get("cache"), results.get("memory")
-    if sp:
-        rows += [
-            ("plain fp32 timm loop (img/s)", sp["plain_fp32_img_per_s"]),
-            (f"defaults, {sp['default_precision']} (img/s)", sp["default_img_per_s"]),
-            ("speed-up defaults / plain", sp["speedup_default_vs_plain"]),
-            ("precision='fp32' (img/s)", sp["fp32_img_per_s"]),
-            ("speed-up fp32 / plain", sp["speedup_fp32_vs_plain"]),
-            ("precision='bf16' (img/s)", sp["bf16_img_per_s"]),
-            ("speed-up bf16 / plain", sp["speedup_bf16_vs_plain"]),
-        ]
-        if "compile_img_per_s" in sp:
-            rows.append(("compile=True (img/s)", sp["compile_img_per_s"]))
-    if pr:
-        rows += [
-            ("test AUC plain fp32 (C by CV)", pr["test_auc_fp32"]),
-            ("test AUC defaults", pr["test_auc_default"]),
-            ("test AUC bf16", pr["test_auc_bf16"]),
-            ("|AUC diff| defaults", pr["abs_auc_diff_default"]),
-            ("|AUC diff| bf16", pr["abs_auc_diff_bf16"]),
-            ("max |AUC diff| defaults over 10 C", pr["default_max_abs_auc_diff_over_C_grid"]),
-            ("max |AUC diff| bf16 over 10 C", pr["bf16_max_abs_auc_diff_over_C_grid"]),
-        ]
-    if ca:
-        rows += [
-            (f"GridSearchCV 5x10, {ca['n_images']} images, no cache (s)", ca["no_cache_s"]),
-            ("GridSearchCV 5x10, cache (s)", ca["cache_s"]),
-            ("cache speed-up", ca["speedup"]),
-        ]
-    if me:
-        rows += [
-            ("peak RSS growth n->16n (MiB)", me["peak_growth_mib"]),
-            ("output matrix growth (MiB)", me["output_matrix_growth_mib"]),
-        ]
-    return rows
+def _by_section(rows) -> dict:
+    return {row["section"]: row for row in rows}
 
 
-def _targets(results: dict) -> dict:
+def _table(rows) -> list[tuple[str, object]]:
+    sections = _by_section(rows)
+    return [
+        (label.format(**sections[sec]), sections[sec][key])
+        for label, sec, key in SUMMARY
+        if key in sections.get(sec, {})
+    ]
+
+
+def _targets(rows) -> dict:
+    sections = _by_section(rows)
     t = {}
-    if "speed" in results:
-        t["speedup_default_vs_plain>=6"] = results["speed"]["speedup_default_vs_plain"] >= 6
-    if "probe" in results:
-        t["abs_auc_diff_default<0.005"] = results["probe"]["abs_auc_diff_default"] < 0.005
-        t["abs_auc_diff_bf16<0.005"] = results["probe"]["abs_auc_diff_bf16"] < 0.005
-    if "cache" in results:
-        t["cache_speedup>=20"] = results["cache"]["speedup"] >= 20
+    if "speed" in sections:
+        t["speedup_default_vs_plain>=6"] = sections["speed"]["speedup_default_vs_plain"] >= 6
+    if "probe" in sections:
+        t["abs_auc_diff_default<0.005"] = sections["probe"]["abs_auc_diff_default"] < 0.005
+        t["abs_auc_diff_bf16<0.005"] = sections["probe"]["abs_auc_diff_bf16"] < 0.005
+    if "cache" in sections:
+        t["cache_speedup>=20"] = sections["cache"]["speedup"] >= 20
     return t
 
 
+def summarise(rows) -> dict:
+    """The result's ``summary``: the printed table's values and the targets."""
+    sections = _by_section(rows)
+    summary = {
+        f"{sec}.{key}": sections[sec][key]
+        for _, sec, key in SUMMARY
+        if key in sections.get(sec, {})
+    }
+    summary.update({f"target.{k}": v for k, v in _targets(rows).items()})
+    return summary
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small smoke run")
+    parser = bench_parser(__doc__)
     parser.add_argument("--no-compile", action="store_true", help="skip the compile timing")
     parser.add_argument(
         "--sections",
@@ -352,10 +341,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--n-cache", type=int, default=None, help="images in the cache run")
     parser.add_argument("--memory-probe", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--input-size", type=int, default=224, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=RESULTS / "features.json")
     args = parser.parse_args(argv)
-    if args.quick and args.out == RESULTS / "features.json":  # keep the full results
-        args.out = RESULTS / "quick" / "features.json"
     if args.memory_probe is not None:
         _memory_probe(args.memory_probe, args.input_size)
         return {}
@@ -364,68 +350,83 @@ def main(argv=None) -> dict:
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
 
-    import torch
-
-    data = _load()
-    quick = args.quick
-    results: dict = {}
-    if args.merge and args.out.is_file():
-        results = json.loads(args.out.read_text())
-    results.update(
-        {
-            "benchmark": "features",
-            "quick": quick,
-            "machine": (
-                f"{platform.processor() or platform.machine()}, torch threads={_threads()}, "
-                "2-core CPU (all variants timed alternately in one run: the ratios are the "
-                "meaningful numbers)"
-            ),
-            "torch": torch.__version__,
-        }
-    )
+    bench = Benchmark("features", issue=3, args=args)
+    splits = load_medmnist_splits("breastmnist")
+    X_train, y_train = splits["train"]
+    quick = bench.quick
+    n_speed = 32 if quick else 128
+    probe_size = 64 if quick else 224
+    n_cache = args.n_cache or (30 if quick else 64)
+    memory_ns = [16, 256] if quick else [32, 512]
+    config = {
+        "data": "breastmnist.npz",
+        "sections": sections,
+        "speed_n_images": n_speed,
+        "speed_repeats": 2 if quick else 3,
+        "speed_compile": not (quick or args.no_compile),
+        "probe_n_train": 120 if quick else None,
+        "probe_n_test": 60 if quick else None,
+        "probe_input_size": probe_size,
+        "cache_n_images": n_cache,
+        "cache_input_size": probe_size,
+        "memory_n_images": memory_ns,
+        "memory_input_size": probe_size,
+    }
+    notes = [
+        "all speed variants are timed alternately in one run: the ratios are the meaningful "
+        "numbers"
+    ]
+    rows: dict = {}
+    if args.merge and bench.out.is_file():
+        earlier = read_result(bench.out)
+        rows = _by_section(earlier["results"])
+        rerun = {k: v for k, v in config.items() if k.split("_")[0] in sections}
+        config = {**earlier["config"], **rerun}
+        config["sections"] = [s for s in SECTIONS if s in rows or s in sections]
+        notes = earlier["notes"] + [
+            f"sections {','.join(sections)} re-run at {bench.machine['started_utc']} and "
+            "merged (--merge); machine describes that run"
+        ]
 
     def save():
-        results["targets"] = _targets(results)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        ordered = [rows[s] for s in SECTIONS if s in rows]
+        bench.write(config=config, results=ordered, summary=summarise(ordered), notes=notes)
+
+    def record(section, result):
+        print(json.dumps(result, indent=1), flush=True)
+        rows[section] = {"section": section, **result}
+        save()
 
     if "speed" in sections:
         print("== speed ==", flush=True)
-        Xs = data["train_images"][: 32 if quick else 128]
-        results["speed"] = bench_speed(
-            Xs, repeats=2 if quick else 3, with_compile=not (quick or args.no_compile)
+        result = bench_speed(
+            X_train[:n_speed],
+            repeats=config["speed_repeats"],
+            with_compile=config["speed_compile"],
         )
-        print(json.dumps(results["speed"], indent=1), flush=True)
-        save()
+        record("speed", result)
     if "probe" in sections:
         print("== linear probe (fp32 vs default precision) ==", flush=True)
-        if quick:
-            results["probe"] = bench_probe(data, n_train=120, n_test=60, input_size=64)
-        else:
-            results["probe"] = bench_probe(data, n_train=None, n_test=None, input_size=224)
-        print(json.dumps(results["probe"], indent=1), flush=True)
-        save()
+        result = bench_probe(
+            splits,
+            n_train=config["probe_n_train"],
+            n_test=config["probe_n_test"],
+            input_size=probe_size,
+        )
+        record("probe", result)
     if "cache" in sections:
         print("== feature cache in GridSearchCV ==", flush=True)
-        n_cache = args.n_cache or (30 if quick else 64)
-        Xc = data["train_images"][:n_cache]
-        yc = data["train_labels"].ravel()[:n_cache]
-        results["cache"] = bench_cache(Xc, yc, input_size=64 if quick else 224)
-        print(json.dumps(results["cache"], indent=1), flush=True)
-        save()
+        record("cache", bench_cache(X_train[:n_cache], y_train[:n_cache], input_size=probe_size))
     if "memory" in sections:
         print("== peak memory ==", flush=True)
-        ns = [16, 256] if quick else [32, 512]
-        results["memory"] = bench_memory(ns, 64 if quick else 224)
-        print(json.dumps(results["memory"], indent=1), flush=True)
-        save()
+        record("memory", bench_memory(memory_ns, probe_size))
 
+    ordered = [rows[s] for s in SECTIONS if s in rows]
     print("\n| metric | value |\n|---|---|")
-    for name, val in _summary(results):
+    for name, val in _table(ordered):
         print(f"| {name} | {val} |")
-    print(f"targets: {results['targets']}")
-    print(f"wrote {args.out}")
-    return results
+    print(f"targets: {_targets(ordered)}")
+    return rows
 
 
 if __name__ == "__main__":

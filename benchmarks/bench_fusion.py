@@ -28,19 +28,18 @@ Usage::
 
     python benchmarks/bench_fusion.py            # full run
     python benchmarks/bench_fusion.py --quick    # 120 train / 60 test images, no filters
+
+Results: ``results/fusion.json`` (schema in ``_common.py``): rows of ``section``
+"extraction", "feature_set", "paired_bootstrap" and "total".
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import time
 import warnings
-from pathlib import Path
 
 import numpy as np
+from _common import Benchmark, Stopwatch, bench_parser, flat_summary, load_medmnist_splits, pooled
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.feature_selection import SelectKBest, VarianceThreshold, f_classif
 from sklearn.impute import SimpleImputer
@@ -55,22 +54,15 @@ from sklearn.model_selection import (
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from skrtl._radiomics import RadiomicsFeatures
+from skrtl import PretrainedCNNFeatures, RadiomicsFeatures
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-DATA_DIR = Path(os.environ.get("SKRTL_DATA_DIR", HERE.parent / ".." / "shared" / "data"))
 REFERENCE = {"MedMNIST v2 ResNet-18 (28)": 0.901, "Google AutoML Vision": 0.919}
 
 
 def load(quick: bool, seed: int):
-    path = DATA_DIR / "breastmnist.npz"
-    if not path.is_file():
-        return None
-    with np.load(path) as d:
-        X_tr = np.concatenate([d["train_images"], d["val_images"]])
-        y_tr = np.concatenate([d["train_labels"], d["val_labels"]]).ravel()
-        X_te, y_te = d["test_images"], d["test_labels"].ravel()
+    splits = load_medmnist_splits("breastmnist")
+    X_tr, y_tr = pooled(splits, "train", "val")
+    X_te, y_te = splits["test"]
     if quick:
         rng = np.random.default_rng(seed)
         i_tr = rng.choice(len(y_tr), 120, replace=False)
@@ -82,38 +74,12 @@ def load(quick: bool, seed: int):
 def deep_features(
     images: np.ndarray, quick: bool, precision: str = "auto"
 ) -> tuple[np.ndarray, list[str], str]:
-    try:
-        from skrtl._features import PretrainedCNNFeatures
-
-        ext = PretrainedCNNFeatures(
-            input_size=64 if quick else 224, batch_size=32, precision=precision
-        )
-        feats = ext.fit_transform(images)
-        source = f"skrtl PretrainedCNNFeatures (precision {ext.precision_})"
-        return feats, list(ext.get_feature_names_out()), source
-    except ImportError:  # fallback: minimal pooled features straight from the backbone
-        import torch
-
-        from skrtl._backbone import backbone_data_config, load_backbone
-        from skrtl._imaging import scale_intensity, to_network_tensor
-
-        model = load_backbone().eval()
-        cfg = backbone_data_config(model)
-        imgs = [scale_intensity(im.astype(np.float32), method="uint8") for im in images]
-        out = []
-        with torch.inference_mode():
-            for s in range(0, len(imgs), 32):
-                x, _ = to_network_tensor(
-                    imgs[s : s + 32],
-                    size=64 if quick else 224,
-                    in_chans=3,
-                    mean=cfg["mean"],
-                    std=cfg["std"],
-                )
-                out.append(model(x).numpy())
-        feats = np.concatenate(out)
-        names = [f"cnn_{i:04d}" for i in range(feats.shape[1])]
-        return feats, names, "load_backbone + global average pooling (fallback)"
+    ext = PretrainedCNNFeatures(
+        input_size=64 if quick else 224, batch_size=32, precision=precision
+    )
+    feats = ext.fit_transform(images)
+    source = f"skrtl PretrainedCNNFeatures (precision {ext.precision_})"
+    return feats, list(ext.get_feature_names_out()), source
 
 
 def radiomics_features(images: np.ndarray, mask: str, quick: bool):
@@ -163,61 +129,71 @@ def bootstrap(y, scores: dict, n_boot: int, seed: int):
     return {name: np.asarray(v) for name, v in boots.items()}
 
 
+def summarise(rows) -> dict:
+    """The result's ``summary``: AUCs per feature set, paired differences, seconds."""
+    metrics = ["test_auc", "cv_auc_mean", "inner_cv_auc"]
+    summary = flat_summary(rows, section="feature_set", keys=["features"], metrics=metrics)
+    metrics = ["mean", "p_fusion_not_better"]
+    summary.update(
+        flat_summary(rows, section="paired_bootstrap", keys=["comparison"], metrics=metrics)
+    )
+    summary.update(
+        flat_summary(rows, section="extraction", keys=["features"], metrics=["seconds"])
+    )
+    summary.update(flat_summary(rows, section="total", keys=["section"], metrics=["seconds"]))
+    return summary
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fast smoke run")
+    parser = bench_parser(__doc__)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--precision", default="auto", help="precision of PretrainedCNNFeatures (default auto)"
     )
-    parser.add_argument("--out", type=Path, default=RESULTS / "fusion.json")
     args = parser.parse_args(argv)
-    if args.quick and args.out == RESULTS / "fusion.json":  # keep the full results
-        args.out = RESULTS / "quick" / "fusion.json"
-    data = load(args.quick, args.seed)
-    if data is None:
-        print(f"breastmnist.npz not found under {DATA_DIR} (set SKRTL_DATA_DIR); nothing to do")
-        return 0
-    start = time.perf_counter()
-    X_tr, y_tr, X_te, y_te = data
+    bench = Benchmark("fusion", issue=9, args=args)
+    X_tr, y_tr, X_te, y_te = load(args.quick, args.seed)
+    total = Stopwatch()
     images = np.concatenate([X_tr, X_te])
     n_tr = len(y_tr)
-    timings = {}
+    extraction = []
 
-    t0 = time.perf_counter()
-    deep, deep_names, deep_source = deep_features(images, args.quick, args.precision)
-    timings["deep_extraction_s"] = round(time.perf_counter() - t0, 1)
+    with Stopwatch() as sw:
+        deep, deep_names, deep_source = deep_features(images, args.quick, args.precision)
+    extraction.append({"features": "deep", "seconds": round(sw.seconds, 1)})
     feats = {"deep": deep}
     names = {"deep": deep_names}
-    n_rad = {}
     for mask in ("whole", "otsu"):
-        t0 = time.perf_counter()
-        rad, rad_names = radiomics_features(images, mask, args.quick)
-        timings[f"radiomics_{mask}_extraction_s"] = round(time.perf_counter() - t0, 1)
+        with Stopwatch() as sw:
+            rad, rad_names = radiomics_features(images, mask, args.quick)
+        extraction.append(
+            {
+                "features": f"radiomics-{mask}",
+                "seconds": round(sw.seconds, 1),
+                "n_features": len(rad_names),
+                "n_failed_images": int(np.isnan(rad).all(axis=1).sum()),
+            }
+        )
         feats[f"radiomics-{mask}"] = rad
         feats[f"fusion-{mask}"] = np.hstack([deep, rad])
         rad_names = [f"rad_{n}" for n in rad_names]
         names[f"radiomics-{mask}"] = rad_names
         names[f"fusion-{mask}"] = deep_names + rad_names
-        n_rad[mask] = {
-            "n_features": len(rad_names),
-            "n_failed_images": int(np.isnan(rad).all(axis=1).sum()),
-        }
 
     test_scores, results = {}, {}
     for name, F in feats.items():
-        t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", (ConvergenceWarning, RuntimeWarning, UserWarning))
-            grid = tuned_head(F.shape[1], args.seed).fit(F[:n_tr], y_tr)
-            proba = grid.predict_proba(F[n_tr:])[:, 1]
-            cv = RepeatedStratifiedKFold(
-                n_splits=5, n_repeats=1 if args.quick else 3, random_state=args.seed
-            )
-            all_y = np.concatenate([y_tr, y_te])
-            cv_auc = cross_val_score(head(), F, all_y, cv=cv, scoring="roc_auc")
-        test_scores[name] = proba
-        sel = grid.best_estimator_[:-1].get_feature_names_out(np.asarray(names[name]))
+        with Stopwatch() as sw:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", (ConvergenceWarning, RuntimeWarning, UserWarning))
+                grid = tuned_head(F.shape[1], args.seed).fit(F[:n_tr], y_tr)
+                proba = grid.predict_proba(F[n_tr:])[:, 1]
+                cv = RepeatedStratifiedKFold(
+                    n_splits=5, n_repeats=1 if args.quick else 3, random_state=args.seed
+                )
+                all_y = np.concatenate([y_tr, y_te])
+                cv_auc = cross_val_score(head(), F, all_y, cv=cv, scoring="roc_auc")
+            test_scores[name] = proba
+            sel = grid.best_estimator_[:-1].get_feature_names_out(np.asarray(names[name]))
         results[name] = {
             "n_features": int(F.shape[1]),
             "test_auc": round(float(roc_auc_score(y_te, proba)), 4),
@@ -227,7 +203,7 @@ def main(argv=None) -> int:
             "inner_cv_auc": round(float(grid.best_score_), 4),
             "selected_deep_features": int(sum(str(s).startswith("cnn") for s in sel)),
             "selected_radiomics_features": int(sum(str(s).startswith("rad_") for s in sel)),
-            "head_seconds": round(time.perf_counter() - t0, 1),
+            "head_seconds": round(sw.seconds, 1),
         }
 
     for mask in ("whole", "otsu"):  # late fusion: mean of the two single-source probabilities
@@ -241,7 +217,8 @@ def main(argv=None) -> int:
             "cv_auc_std": None,
             "best_params": {"k": "-", "C": "-"},
         }
-    boots = bootstrap(y_te, test_scores, 200 if args.quick else 2000, args.seed)
+    n_boot = 200 if args.quick else 2000
+    boots = bootstrap(y_te, test_scores, n_boot, args.seed)
     for name, b in boots.items():
         lo, hi = np.percentile(b, [2.5, 97.5])
         results[name]["test_auc_ci95"] = [round(float(lo), 4), round(float(hi), 4)]
@@ -259,7 +236,7 @@ def main(argv=None) -> int:
                 "ci95": [round(float(lo), 4), round(float(hi), 4)],
                 "p_fusion_not_better": round(float((d <= 0).mean()), 4),
             }
-    total = time.perf_counter() - start
+    total.stop()
 
     print(f"\nBreastMNIST: {n_tr} train / {len(y_te)} test images; deep features: {deep_source}")
     header = f"{'features':<18} {'n':>5} {'test AUC [95% CI]':>24} {'CV AUC':>13} {'k, C':>12}"
@@ -281,29 +258,25 @@ def main(argv=None) -> int:
     for key, v in paired.items():
         print(f"{key:<36} dAUC {v['mean']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]")
     print(f"reference (MedMNIST v2 paper, test AUC): {REFERENCE}")
-    print(f"total {total:.0f} s")
+    print(f"total {total.seconds:.0f} s")
 
-    out = {
-        "benchmark": "fusion",
+    rows = (
+        [{"section": "extraction", **e} for e in extraction]
+        + [{"section": "feature_set", "features": k, **r} for k, r in results.items()]
+        + [{"section": "paired_bootstrap", "comparison": k, **v} for k, v in paired.items()]
+        + [{"section": "total", "seconds": round(total.seconds, 1)}]
+    )
+    config = {
         "data": "breastmnist.npz (train+val for training, official test split)",
-        "quick": args.quick,
         "seed": args.seed,
-        "seconds": round(total, 1),
-        "hardware": f"{os.cpu_count()}-core CPU (1-min load average "
-        f"{os.getloadavg()[0]:.1f} at the end), "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        "precision": args.precision,
         "n_train": n_tr,
         "n_test": int(len(y_te)),
         "deep_features": deep_source,
-        "radiomics": n_rad,
-        "timings": timings,
-        "results": results,
-        "paired_bootstrap_test_auc": paired,
+        "n_bootstrap": n_boot,
         "reference_test_auc": REFERENCE,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    bench.write(config=config, results=rows, summary=summarise(rows))
     return 0
 
 

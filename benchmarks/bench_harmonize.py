@@ -12,16 +12,16 @@ Methods, all fitted on site A train (with the unlabelled site B images where sta
 
 * ``site A``               the probe on the untouched test split (reference);
 * ``site B unadapted``     the same probe on site B;
-* ``AdaBN``                :class:`skrtl._adabn.AdaBN` around the feature transformer, default
+* ``AdaBN``                :class:`skrtl.AdaBN` around the feature transformer, default
   ``source_stats="match"``: the ImageNet statistics are kept for site A; for the site B rows
   every BatchNorm layer gets the statistics, estimated on the unlabelled site B images, under
   which site B's outputs have the moments site A's have (source-anchored AdaBN);
 * ``AdaBN (recompute)``    classic AdaBN (Li et al. 2016): statistics re-estimated on site A
   train for the source rows and on site B for the site B rows;
-* ``hist. matching``       :class:`skrtl._harmonize.HistogramMatcher` (per image, reference
+* ``hist. matching``       :class:`skrtl.HistogramMatcher` (per image, reference
   quantiles of site A train) in front of the probe;
 * ``hist. + AdaBN``        both (AdaBN adapted on the histogram-matched site B images);
-* ``ComBat (features)``    :class:`skrtl._combat.ComBatHarmonizer` on the CNN features, fitted on
+* ``ComBat (features)``    :class:`skrtl.ComBatHarmonizer` on the CNN features, fitted on
   site A train + unlabelled site B features.
 
 Reported: AUC per method (mean and sd over seeds) and the fraction of the lost AUC recovered,
@@ -31,37 +31,41 @@ package on the same features (when ``neuroCombat`` is installed).
 
 Usage::
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_harmonize.py   # full run (25 min, busy 2 cores)
-    python benchmarks/bench_harmonize.py --quick                     # smoke run (~1 min)
+    OMP_NUM_THREADS=2 python benchmarks/bench_harmonize.py   # full run
+    python benchmarks/bench_harmonize.py --quick             # smoke run
+
+Results: ``results/harmonize.json`` (schema in ``_common.py``): rows of ``section`` "auc" (one
+per shift and method), "shift", "combat_vs_neurocombat", "seconds_per_seed" and "total".
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
-import json
-import os
-import platform
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
+from _common import (
+    Benchmark,
+    Stopwatch,
+    bench_parser,
+    flat_summary,
+    load_medmnist_splits,
+    package_version,
+)
 from scipy import ndimage
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from skrtl._adabn import AdaBN
-from skrtl._combat import ComBatHarmonizer
-from skrtl._harmonize import HistogramMatcher
-from skrtl._imaging import make_image_frame
-
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-DATA_DIR = Path(os.environ.get("SKRTL_DATA_DIR", HERE.parent.parent / "shared" / "data"))
+from skrtl import (
+    AdaBN,
+    ComBatHarmonizer,
+    HistogramMatcher,
+    PretrainedCNNFeatures,
+    make_image_frame,
+)
 
 METHODS = [
     "site A",
@@ -85,17 +89,7 @@ def simulate_site_b(images, *, seed, blur, noise, gamma, gain, offset):
 
 
 def _features(**kw):
-    # import here so that a missing feature module gives a clear message in main()
-    try:
-        from skrtl._features import PretrainedCNNFeatures
-    except ImportError:  # pragma: no cover - fallback while the module is written
-        return _MinimalFeatures(**kw)
     return PretrainedCNNFeatures(intensity="uint8", **kw)
-
-
-class _MinimalFeatures:  # pragma: no cover - only used without skrtl._features
-    def __init__(self, **kw):
-        raise ImportError("skrtl._features.PretrainedCNNFeatures is required")
 
 
 def probe(step):
@@ -131,17 +125,8 @@ def combat_vs_neurocombat(F, sites):
         "n_features": int(F.shape[1]),
         "n_features_left_out_constant_within_a_site": int((~keep).sum()),
         "feature_scale": float(np.abs(F).max()),
-        "neuroCombat_version": _version("neuroCombat"),
+        "neuroCombat_version": package_version("neuroCombat"),
     }
-
-
-def _version(dist):
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
 
 
 def run_seed(seed, data, shift, args, cache):
@@ -154,62 +139,62 @@ def run_seed(seed, data, shift, args, cache):
     fe_kw = {"input_size": args.input_size, "batch_size": 64, "precision": "fp32"}
     res, times = {}, {}
 
-    t = time.perf_counter()
-    if "plain" not in cache:  # the unadapted probe does not depend on the seed
-        cache["plain"] = probe(_features(**fe_kw)).fit(Xa_tr, ya_tr)
-    plain = cache["plain"]
-    res["site A"] = auc(plain, Xa_te, y_te)
-    res["site B unadapted"] = auc(plain, Xb, y_te)
-    times["unadapted"] = time.perf_counter() - t
+    with Stopwatch() as sw:
+        if "plain" not in cache:  # the unadapted probe does not depend on the seed
+            cache["plain"] = probe(_features(**fe_kw)).fit(Xa_tr, ya_tr)
+        plain = cache["plain"]
+        res["site A"] = auc(plain, Xa_te, y_te)
+        res["site B unadapted"] = auc(plain, Xb, y_te)
+    times["unadapted"] = sw.seconds
 
-    t = time.perf_counter()
-    ada = probe(AdaBN(_features(**fe_kw))).fit(fa_tr, ya_tr, adabn__X_target=fb)
-    res["AdaBN"] = auc(ada, fb, y_te)
-    res["AdaBN, site A test"] = auc(ada, fa_te, y_te)
-    res["AdaBN, site B routed to A"] = auc(ada, fb_as_a, y_te)
-    times["AdaBN"] = time.perf_counter() - t
+    with Stopwatch() as sw:
+        ada = probe(AdaBN(_features(**fe_kw))).fit(fa_tr, ya_tr, adabn__X_target=fb)
+        res["AdaBN"] = auc(ada, fb, y_te)
+        res["AdaBN, site A test"] = auc(ada, fa_te, y_te)
+        res["AdaBN, site B routed to A"] = auc(ada, fb_as_a, y_te)
+    times["AdaBN"] = sw.seconds
 
-    t = time.perf_counter()
-    rec = probe(AdaBN(_features(**fe_kw), source_stats="recompute"))
-    rec.fit(fa_tr, ya_tr, adabn__X_target=fb)
-    res["AdaBN (recompute)"] = auc(rec, fb, y_te)
-    res["AdaBN (recompute), site A test"] = auc(rec, fa_te, y_te)
-    times["AdaBN (recompute)"] = time.perf_counter() - t
+    with Stopwatch() as sw:
+        rec = probe(AdaBN(_features(**fe_kw), source_stats="recompute"))
+        rec.fit(fa_tr, ya_tr, adabn__X_target=fb)
+        res["AdaBN (recompute)"] = auc(rec, fb, y_te)
+        res["AdaBN (recompute), site A test"] = auc(rec, fa_te, y_te)
+    times["AdaBN (recompute)"] = sw.seconds
 
-    t = time.perf_counter()
-    hm = make_pipeline(
-        HistogramMatcher(),
-        _features(**fe_kw),
-        StandardScaler(),
-        LogisticRegression(C=0.05, max_iter=5000),
-    ).fit(Xa_tr, ya_tr)
-    res["hist. matching"] = auc(hm, Xb, y_te)
-    res["hist. matching, site A test"] = auc(hm, Xa_te, y_te)
-    times["hist. matching"] = time.perf_counter() - t
+    with Stopwatch() as sw:
+        hm = make_pipeline(
+            HistogramMatcher(),
+            _features(**fe_kw),
+            StandardScaler(),
+            LogisticRegression(C=0.05, max_iter=5000),
+        ).fit(Xa_tr, ya_tr)
+        res["hist. matching"] = auc(hm, Xb, y_te)
+        res["hist. matching, site A test"] = auc(hm, Xa_te, y_te)
+    times["hist. matching"] = sw.seconds
 
-    t = time.perf_counter()
-    matcher = HistogramMatcher().fit(fa_tr)  # same reference as inside the pipeline
-    fb_matched = matcher.transform(fb)
-    both = make_pipeline(
-        HistogramMatcher(),
-        AdaBN(_features(**fe_kw)),
-        StandardScaler(),
-        LogisticRegression(C=0.05, max_iter=5000),
-    )
-    both.fit(fa_tr, ya_tr, adabn__X_target=fb_matched)
-    res["hist. + AdaBN"] = auc(both, fb, y_te)
-    times["hist. + AdaBN"] = time.perf_counter() - t
+    with Stopwatch() as sw:
+        matcher = HistogramMatcher().fit(fa_tr)  # same reference as inside the pipeline
+        fb_matched = matcher.transform(fb)
+        both = make_pipeline(
+            HistogramMatcher(),
+            AdaBN(_features(**fe_kw)),
+            StandardScaler(),
+            LogisticRegression(C=0.05, max_iter=5000),
+        )
+        both.fit(fa_tr, ya_tr, adabn__X_target=fb_matched)
+        res["hist. + AdaBN"] = auc(both, fb, y_te)
+    times["hist. + AdaBN"] = sw.seconds
 
-    t = time.perf_counter()
-    fe = plain[0]
-    Fa, Fb = fe.transform(Xa_tr), fe.transform(Xb)
-    sites = np.array(["A"] * len(Fa) + ["B"] * len(Fb))
-    cb = ComBatHarmonizer().fit(np.vstack([Fa, Fb]), sample_domain=sites)
-    lr = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=5000))
-    lr.fit(cb.transform(Fa, sample_domain=sites[: len(Fa)]), ya_tr)
-    Hb = cb.transform(Fb, sample_domain=sites[len(Fa) :])
-    res["ComBat (features)"] = float(roc_auc_score(y_te, lr.predict_proba(Hb)[:, 1]))
-    times["ComBat (features)"] = time.perf_counter() - t
+    with Stopwatch() as sw:
+        fe = plain[0]
+        Fa, Fb = fe.transform(Xa_tr), fe.transform(Xb)
+        sites = np.array(["A"] * len(Fa) + ["B"] * len(Fb))
+        cb = ComBatHarmonizer().fit(np.vstack([Fa, Fb]), sample_domain=sites)
+        lr = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=5000))
+        lr.fit(cb.transform(Fa, sample_domain=sites[: len(Fa)]), ya_tr)
+        Hb = cb.transform(Fb, sample_domain=sites[len(Fa) :])
+        res["ComBat (features)"] = float(roc_auc_score(y_te, lr.predict_proba(Hb)[:, 1]))
+    times["ComBat (features)"] = sw.seconds
     if "combat_check" not in cache:
         Fte = fe.transform(Xa_te)
         cache["combat_check"] = combat_vs_neurocombat(
@@ -224,7 +209,7 @@ SHIFTS = {
 }
 
 
-def summarise(per_seed):
+def aggregate(per_seed):
     keys = list(per_seed[0])
     mean = {k: float(np.mean([r[k] for r in per_seed])) for k in keys}
     sd = {k: float(np.std([r[k] for r in per_seed])) for k in keys}
@@ -246,30 +231,38 @@ def print_table(name, shift, mean, sd, recovered):
             print(f"  ({k}: {mean[k]:.3f})")
 
 
+REMAP = "255*gain*(x/255)**gamma + offset, then noise"
+
+
+def summarise(rows) -> dict:
+    """The result's ``summary``: AUC and recovered fraction per shift and method."""
+    metrics = ["auc_mean", "fraction_of_lost_auc_recovered", "goal_recover_half"]
+    summary = flat_summary(rows, section="auc", keys=["shift", "method"], metrics=metrics)
+    summary.update(flat_summary(rows, section="shift", keys=["shift"], metrics=["auc_lost"]))
+    for section, metric in (("combat_vs_neurocombat", "max_abs_diff"), ("total", "seconds")):
+        summary.update(flat_summary(rows, section=section, keys=["section"], metrics=[metric]))
+    return summary
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small smoke run")
+    ap = bench_parser(__doc__)
     ap.add_argument("--seeds", type=int, default=2, help="noise seeds per shift")
     ap.add_argument("--input-size", type=int, default=128)
     ap.add_argument("--shifts", nargs="+", default=list(SHIFTS), choices=list(SHIFTS))
-    ap.add_argument("--out", type=Path, default=RESULTS / "harmonize.json")
     args = ap.parse_args(argv)
-    path = DATA_DIR / "breastmnist.npz"
-    if not path.is_file():
-        print(f"BreastMNIST not found at {path}; set SKRTL_DATA_DIR.", file=sys.stderr)
-        return 1
-    with np.load(path) as d:
-        Xa_tr, ya_tr = d["train_images"], d["train_labels"].ravel()
-        Xa_te, y_te = d["test_images"], d["test_labels"].ravel()
+    bench = Benchmark("harmonize", issue=4, args=args)
+    splits = load_medmnist_splits("breastmnist", splits=["train", "test"])
+    Xa_tr, ya_tr = splits["train"]
+    Xa_te, y_te = splits["test"]
     if args.quick:
         args.seeds, args.input_size, args.shifts = 1, 64, ["strong"]
         rng = np.random.default_rng(0)
         tr = rng.choice(len(Xa_tr), 200, replace=False)
         Xa_tr, ya_tr = Xa_tr[tr], ya_tr[tr]
     data = (Xa_tr, ya_tr, Xa_te, y_te)
-    t0 = time.perf_counter()
+    total = Stopwatch()
     cache: dict = {}
-    results, per_time = {}, []
+    rows, per_time, tables = [], [], {}
     for name in args.shifts:
         per_seed = []
         for seed in range(args.seeds):
@@ -278,21 +271,19 @@ def main(argv=None):
             per_time.append(times)
             line = ", ".join(f"{k}={v:.3f}" for k, v in res.items())
             print(f"{name} seed {seed}: {line}", flush=True)
-        mean, sd, lost, recovered = summarise(per_seed)
-        results[name] = {
-            "shift": dict(SHIFTS[name], remap="255*gain*(x/255)**gamma + offset, then noise"),
-            "auc_mean": mean,
-            "auc_sd": sd,
-            "auc_lost": lost,
-            "fraction_of_lost_auc_recovered": recovered,
-            "goal_recover_half": {
-                k: (recovered[k] is not None and recovered[k] >= 0.5) for k in METHODS[2:6]
-            },
-        }
-    for name, r in results.items():
-        print_table(
-            name, SHIFTS[name], r["auc_mean"], r["auc_sd"], r["fraction_of_lost_auc_recovered"]
-        )
+        mean, sd, lost, recovered = aggregate(per_seed)
+        tables[name] = mean, sd, recovered
+        for k in mean:
+            row = {"section": "auc", "shift": name, "method": k}
+            row.update(auc_mean=mean[k], auc_sd=sd[k])
+            if k in recovered:
+                row["fraction_of_lost_auc_recovered"] = recovered[k]
+            if k in METHODS[2:6]:
+                row["goal_recover_half"] = recovered[k] is not None and recovered[k] >= 0.5
+            rows.append(row)
+        rows.append({"section": "shift", "shift": name, "auc_lost": lost})
+    for name, (mean, sd, recovered) in tables.items():
+        print_table(name, SHIFTS[name], mean, sd, recovered)
     check = cache.get("combat_check")
     if check is not None:
         print(
@@ -300,30 +291,26 @@ def main(argv=None):
             f"{check['max_abs_diff']:.2e} on {check['n_samples']} x {check['n_features']} "
             f"CNN features (scale {check['feature_scale']:.2f})"
         )
+        rows.append({"section": "combat_vs_neurocombat", **check})
     else:
         print("\nneuroCombat not installed: ComBat cross-check skipped")
-    out = {
-        "benchmark": "harmonize",
+    for step in per_time[0]:
+        seconds = float(np.mean([t[step] for t in per_time]))
+        rows.append({"section": "seconds_per_seed", "step": step, "seconds": seconds})
+    rows.append({"section": "total", "seconds": total.stop()})
+    config = {
         "data": "BreastMNIST (MedMNIST v2, 28x28 ultrasound): site A = published train/test "
         "splits; site B = the test split blurred + intensity-remapped + noisy",
-        "quick": bool(args.quick),
         "n_train": int(len(Xa_tr)),
         "n_test": int(len(Xa_te)),
         "probe": "PretrainedCNNFeatures(tf_efficientnet_lite0, ImageNet, input_size="
         f"{args.input_size}, intensity='uint8', precision='fp32') -> StandardScaler -> "
         "LogisticRegression(C=0.05)",
+        "input_size": args.input_size,
         "seeds_per_shift": args.seeds,
-        "results": results,
-        "combat_vs_neurocombat": check,
-        "seconds_per_seed": {k: float(np.mean([t[k] for t in per_time])) for k in per_time[0]},
-        "seconds_total": time.perf_counter() - t0,
-        "hardware": f"shared 2-core CPU ({platform.machine()}), OMP_NUM_THREADS="
-        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}; other jobs were running",
+        "shifts": {name: dict(SHIFTS[name], remap=REMAP) for name in args.shifts},
     }
-    if not args.quick or args.out != RESULTS / "harmonize.json":
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    bench.write(config=config, results=rows, summary=summarise(rows))
     return 0
 
 

@@ -25,21 +25,20 @@ inputs, so the reported difference measures the implementations, not their stopp
 
 Usage::
 
-    python benchmarks/bench_label_shift.py            # full run (about 1-2 min on 2 cores)
+    python benchmarks/bench_label_shift.py            # full run
     python benchmarks/bench_label_shift.py --quick    # smoke run
+
+Results: ``results/label_shift.json`` (schema in ``_common.py``): rows of ``section`` "method"
+(one per data set and method, averaged over the target sets), "dataset" and "total".
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import time
 import warnings
-from pathlib import Path
 
 import numpy as np
+from _common import Benchmark, Stopwatch, bench_parser, flat_summary, load_medmnist_splits, pooled
 from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
@@ -48,16 +47,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from skrtl._label_shift import (
-    LabelShiftAdapter,
-    LabelShiftWarning,
-    adjust_posteriors,
-    em_prior_estimate,
-)
-
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-DATA_DIR = Path(os.environ.get("SKRTL_DATA_DIR", HERE.parent / ".." / "shared" / "data"))
+from skrtl import LabelShiftAdapter, LabelShiftWarning, adjust_posteriors, em_prior_estimate
 
 METHODS = ["unadapted", "EM", "EM+TS", "EM+BCTS", "BBSE-hard", "BBSE-soft", "oracle"]
 # method -> (calibration, prior_estimation)
@@ -70,19 +60,17 @@ CONFIGS = {
 }
 
 
-def load_medmnist(name: str, seed: int):
+def load_pooled_medmnist(name: str, seed: int):
     """All splits pooled, then a stratified 60/40 source / target-pool split.
 
     MedMNIST's official test split differs from train by more than the class prior (a model
-    fitted on PneumoniaMNIST train reads 77 % pneumonia in a test split that has 62.5 %), so a
-    pure label-shift benchmark re-splits the pooled images at random.
+    fitted on PneumoniaMNIST train over-estimates the share of pneumonia in the test split), so
+    a pure label-shift benchmark re-splits the pooled images at random.
     """
-    path = DATA_DIR / f"{name}.npz"
-    if not path.is_file():
+    splits = load_medmnist_splits(name, missing="skip")
+    if splits is None:
         return None
-    with np.load(path) as d:
-        X = np.concatenate([d[f"{s}_images"] for s in ("train", "val", "test")])
-        y = np.concatenate([d[f"{s}_labels"] for s in ("train", "val", "test")]).ravel()
+    X, y = pooled(splits, "train", "val", "test")
     X = X.reshape(len(X), -1).astype(np.float32) / 255.0
     return train_test_split(X, y, test_size=0.4, stratify=y, random_state=seed)
 
@@ -141,15 +129,15 @@ def run_dataset(name, data, *, n_components, n_target, repeats, quick, seed, pro
     X_src, X_test = pca_features(X_src, X_test, n_components, seed)
     k = int(y_src.max()) + 1
     rng = np.random.default_rng(seed)
-    t0 = time.perf_counter()
-    adapters = {
-        method: LabelShiftAdapter(
-            model(), calibration=cal, prior_estimation=est, cv=5, random_state=seed
-        ).fit(X_src, y_src)
-        for method, (cal, est) in CONFIGS.items()
-    }
-    bcts = adapters["EM+BCTS"]
-    fit_s = time.perf_counter() - t0
+    with Stopwatch() as sw:
+        adapters = {
+            method: LabelShiftAdapter(
+                model(), calibration=cal, prior_estimation=est, cv=5, random_state=seed
+            ).fit(X_src, y_src)
+            for method, (cal, est) in CONFIGS.items()
+        }
+        bcts = adapters["EM+BCTS"]
+    fit_s = sw.seconds
     base_test = bcts.predict_proba(X_test)  # calibrated source posteriors (not adapted)
     src_acc = accuracy_score(y_test, base_test.argmax(axis=1))
 
@@ -235,23 +223,36 @@ def print_table(name, res):
         print(f"abstention EM agreement (max |diff| of priors): {diff:.2e}")
 
 
+def summarise(rows) -> dict:
+    """The result's ``summary``: prior error and change of log-loss / accuracy per method."""
+    summary = flat_summary(
+        rows,
+        section="method",
+        keys=["dataset", "method"],
+        metrics=["prior_mae", "delta_log_loss", "delta_accuracy"],
+        ndigits=4,
+    )
+    diff = ["abstention_em_max_abs_diff"]
+    summary.update(flat_summary(rows, section="dataset", keys=["dataset"], metrics=diff))
+    summary.update(flat_summary(rows, section="total", keys=["section"], metrics=["seconds"]))
+    return summary
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fast smoke run")
+    parser = bench_parser(__doc__)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", type=int, default=1)
     args = parser.parse_args(argv)
+    bench = Benchmark("label_shift", issue=6, args=args)
     from tqdm.auto import tqdm
 
-    start = time.perf_counter()
+    total = Stopwatch()
     repeats = 2 if args.quick else 10
     datasets = []
     for name in ("breastmnist", "pneumoniamnist"):
-        data = load_medmnist(name, args.seed)
-        if data is None:
-            print(f"{name}: not found under {DATA_DIR} (set SKRTL_DATA_DIR); skipped")
-            continue
-        datasets.append((name, data, 30, 300))
+        data = load_pooled_medmnist(name, args.seed)
+        if data is not None:
+            datasets.append((name, data, 30, 300))
     datasets.append(("digits", load_digits_split(args.seed), 30, 500))
 
     results = {}
@@ -271,35 +272,25 @@ def main(argv=None) -> int:
             )
         print_table(name, results[name])
 
-    total = time.perf_counter() - start
-    print(f"\ntotal {total:.0f} s")
-    summary = {
-        name: {
-            "prior_mae": {m: round(s["prior_mae"], 4) for m, s in r["summary"].items()},
-            "delta_log_loss": {m: round(s["delta_log_loss"], 4) for m, s in r["summary"].items()},
-            "delta_accuracy": {m: round(s["delta_accuracy"], 4) for m, s in r["summary"].items()},
-            "abstention_em_max_abs_diff": r["info"]["abstention_em_max_abs_diff"],
-        }
-        for name, r in results.items()
-    }
-    out = {
-        "benchmark": "label_shift",
-        "quick": args.quick,
+    print(f"\ntotal {total.stop():.0f} s")
+    rows = []
+    for name, r in results.items():
+        rows += [
+            {"section": "method", "dataset": name, "method": m, **s}
+            for m, s in r["summary"].items()
+        ]
+        rows.append({"section": "dataset", "dataset": name, **r["info"]})
+    rows.append({"section": "total", "seconds": round(total.seconds, 1)})
+    config = {
+        "datasets": [d[0] for d in datasets],
         "seed": args.seed,
-        "seconds": round(total, 1),
-        "hardware": f"shared {os.cpu_count()}-core CPU (other jobs running), "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
-        "summary": summary,
-        "details": {
-            name: {"info": r["info"], "summary": r["summary"]} for name, r in results.items()
-        },
+        "repeats_per_prior": repeats,
+        "features": "flattened pixels -> PCA (fitted on source) -> StandardScaler -> "
+        "LogisticRegression(C=0.1)",
+        "n_components": {d[0]: d[2] for d in datasets},
+        "n_target": {d[0]: d[3] for d in datasets},
     }
-    RESULTS.mkdir(exist_ok=True)
-    # a smoke run never overwrites the full results
-    path = RESULTS / "quick" / "label_shift.json" if args.quick else RESULTS / "label_shift.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {path}")
+    bench.write(config=config, results=rows, summary=summarise(rows))
     return 0
 
 

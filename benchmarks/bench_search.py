@@ -1,7 +1,7 @@
 """Optuna search of freeze depth k, gamma, lr and strategy on BreastMNIST, with pruning.
 
-A 20-trial :class:`~skrtl._search.TransferSearchCV` over
-:class:`~skrtl._finetune.FineTuneClassifier` (embedded ImageNet EfficientNet-Lite0, 28 px
+A 20-trial :class:`~skrtl.TransferSearchCV` over
+:class:`~skrtl.FineTuneClassifier` (embedded ImageNet EfficientNet-Lite0, 28 px
 images resized to 32 px, grayscale) with 2-fold cross-validated ROC AUC, the default
 fold-aware median pruner, TPE sampler with a fixed seed, then a refit of the best
 configuration on the whole search set and its ROC AUC on the official BreastMNIST test
@@ -26,36 +26,27 @@ parameters, best cross-validated AUC, test AUC of the refit model and wall time.
 
 Usage::
 
-    python benchmarks/bench_search.py            # full run (20 s idle .. 10 min busy, 2 cores)
-    python benchmarks/bench_search.py --quick    # smoke run (4 trials, 1 minute or two)
+    python benchmarks/bench_search.py            # full run (within 10 minutes on 2 cores)
+    python benchmarks/bench_search.py --quick    # smoke run (4 trials)
+
+Results: ``results/search.json`` (schema in ``_common.py``): one row of ``section`` "search"
+(the outcome), one of ``section`` "trial" per trial.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
-
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-DATA_DIR = Path(os.environ.get("SKRTL_DATA_DIR", HERE.parent.parent / "shared" / "data"))
+from _common import Benchmark, Stopwatch, bench_parser, flat_summary, load_medmnist_splits, pooled
 
 
 def load_breastmnist(n_train: int, seed: int):
-    path = DATA_DIR / "breastmnist.npz"
-    if not path.is_file():
-        return None
-    with np.load(path) as d:
-        X = np.concatenate([d["train_images"], d["val_images"]])
-        y = np.concatenate([d["train_labels"], d["val_labels"]]).ravel()
-        X_test, y_test = d["test_images"], d["test_labels"].ravel()
+    splits = load_medmnist_splits("breastmnist")
+    X, y = pooled(splits, "train", "val")
+    X_test, y_test = splits["test"]
     if n_train < len(X):
         from sklearn.model_selection import train_test_split
 
@@ -63,9 +54,30 @@ def load_breastmnist(n_train: int, seed: int):
     return X, y, X_test, y_test
 
 
+def summarise(rows) -> dict:
+    """The result's ``summary``: trials, epochs saved by pruning, AUCs and wall time."""
+    metrics = [
+        "epochs_run",
+        "epochs_without_pruning",
+        "fraction_epochs_saved",
+        "best_cv_auc",
+        "test_auc",
+        "search_seconds",
+        "refit_seconds",
+        "total_seconds",
+        "within_10_minutes",
+    ]
+    summary = {}
+    for row in (r for r in rows if r["section"] == "search"):
+        summary.update({f"n_trials.{k}": v for k, v in row["n_trials"].items()})
+        summary.update(flat_summary([row], keys=[], metrics=metrics))
+        numeric = {k: v for k, v in row["best_params"].items() if not isinstance(v, str)}
+        summary.update({f"best_params.{k}": v for k, v in numeric.items()})
+    return summary
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run")
+    parser = bench_parser(__doc__)
     parser.add_argument("--n-trials", type=int, default=20)
     parser.add_argument("--n-train", type=int, default=780)
     parser.add_argument("--epochs", type=int, default=8)
@@ -74,27 +86,16 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=500.0, help="search timeout (s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plots", action="store_true", help="write PNG plots to /tmp")
-    parser.add_argument("--out", type=Path, default=RESULTS / "search.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.n_trials, args.n_train, args.epochs, args.budget = 4, 120, 2, 120.0
-        if args.out == RESULTS / "search.json":  # a smoke run keeps the full results
-            args.out = RESULTS / "quick" / "search.json"
+    bench = Benchmark("search", issue=7, args=args)
 
-    try:
-        from skrtl._finetune import FineTuneClassifier
-    except ImportError:
-        print("skrtl._finetune.FineTuneClassifier is not available: nothing to benchmark.")
-        return 1
     from sklearn.metrics import roc_auc_score
 
-    from skrtl._search import TransferSearchCV
+    from skrtl import FineTuneClassifier, TransferSearchCV
 
-    data = load_breastmnist(args.n_train, args.seed)
-    if data is None:
-        print(f"breastmnist.npz not found in {DATA_DIR}; set SKRTL_DATA_DIR.")
-        return 1
-    X, y, X_test, y_test = data
+    X, y, X_test, y_test = load_breastmnist(args.n_train, args.seed)
 
     def space(trial):
         strategy = trial.suggest_categorical("strategy", ["finetune", "linear_probe"])
@@ -128,19 +129,18 @@ def main(argv=None) -> int:
         plots_dir=Path("/tmp/skrtl_bench_search_plots") if args.plots else None,
         verbose=1,
     )
-    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        search.fit(X, y)
-    search_time = time.perf_counter() - t0 - search.refit_time_
-    test_auc = float(roc_auc_score(y_test, search.predict_proba(X_test)[:, 1]))
-    total_time = time.perf_counter() - t0
+    with Stopwatch() as sw:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            search.fit(X, y)
+        search_time = sw.seconds - search.refit_time_
+        test_auc = float(roc_auc_score(y_test, search.predict_proba(X_test)[:, 1]))
+    total_time = sw.seconds
 
     res = search.cv_results_
-    rows = []
+    trials = []
     for i in range(len(res["number"])):
-        rows.append(
+        trials.append(
             {
                 "trial": int(res["number"][i]),
                 "state": str(res["state"][i]),
@@ -155,22 +155,9 @@ def main(argv=None) -> int:
                 "epochs_unpruned": int(res["epochs_unpruned"][i]),
             }
         )
-    summary = {
-        "benchmark": "bench_search",
-        "data": "BreastMNIST (MedMNIST v2, 28 px): stratified subsample of train+val for the "
-        "search, official test split for the final AUC",
+    outcome = {
         "n_search": int(len(y)),
         "n_test": int(len(y_test)),
-        "estimator": "FineTuneClassifier(tf_efficientnet_lite0 ImageNet, "
-        f"input_size={args.input_size}, "
-        f"max_epochs={args.epochs}, augment=False, early_stopping=False, "
-        "validation_fraction=0.2)",
-        "space": "strategy {finetune, linear_probe}; lr log [1e-4, 3e-2]; finetune only: "
-        "freeze_depth int [5, 9] (L=10), gamma log [0.1, 1]",
-        "cv": args.cv,
-        "scoring": "roc_auc",
-        "pruner": "median (CVMedianPruner: 5 startup trials, 1 warm-up epoch per fold)",
-        "n_trials_requested": args.n_trials,
         "n_trials": {k: int(v) for k, v in search.n_trials_.items()},
         "epochs_run": search.epochs_run_,
         "epochs_without_pruning": search.epochs_unpruned_,
@@ -180,25 +167,15 @@ def main(argv=None) -> int:
         },
         "best_cv_auc": round(search.best_score_, 4),
         "test_auc": round(test_auc, 4),
-        "reference_test_auc": "MedMNIST v2 paper, ResNet-18 (28 px, 100 epochs on all 546 "
-        "train images): 0.901",
         "search_seconds": round(search_time, 1),
         "refit_seconds": round(search.refit_time_, 1),
         "total_seconds": round(total_time, 1),
         "within_10_minutes": bool(total_time <= 600),
-        "machine": f"shared 2-core CPU ({platform.processor() or platform.machine()}), "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, other jobs running",
-        "load_average_1min_start_end": [
-            load_start,
-            os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        ],
-        "quick": bool(args.quick),
-        "trials": rows,
     }
 
     print()
     print(f"{'trial':>5} {'state':>9} {'cv_auc':>7} {'epochs':>7}  params")
-    for r in rows:
+    for r in trials:
         auc = "-" if r["cv_auc"] is None else f"{r['cv_auc']:.3f}"
         print(
             f"{r['trial']:>5} {r['state']:>9} {auc:>7} "
@@ -216,11 +193,31 @@ def main(argv=None) -> int:
         "search_seconds",
         "total_seconds",
     ):
-        print(f"{key:>24}: {summary[key]}")
+        print(f"{key:>24}: {outcome[key]}")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    rows = [{"section": "search", **outcome}] + [{"section": "trial", **t} for t in trials]
+    config = {
+        "data": "BreastMNIST (MedMNIST v2, 28 px): stratified subsample of train+val for the "
+        "search, official test split for the final AUC",
+        "estimator": "FineTuneClassifier(tf_efficientnet_lite0 ImageNet, "
+        f"input_size={args.input_size}, "
+        f"max_epochs={args.epochs}, augment=False, early_stopping=False, "
+        "validation_fraction=0.2)",
+        "space": "strategy {finetune, linear_probe}; lr log [1e-4, 3e-2]; finetune only: "
+        "freeze_depth int [5, 9] (L=10), gamma log [0.1, 1]",
+        "cv": args.cv,
+        "scoring": "roc_auc",
+        "pruner": "median (CVMedianPruner: 5 startup trials, 1 warm-up epoch per fold)",
+        "n_trials_requested": args.n_trials,
+        "n_train": args.n_train,
+        "epochs": args.epochs,
+        "input_size": args.input_size,
+        "budget_seconds": args.budget,
+        "seed": args.seed,
+        "reference_test_auc": "MedMNIST v2 paper, ResNet-18 (28 px, 100 epochs on all 546 "
+        "train images): 0.901",
+    }
+    bench.write(config=config, results=rows, summary=summarise(rows))
     return 0
 
 

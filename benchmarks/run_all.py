@@ -1,27 +1,28 @@
-"""Run every skrtl benchmark and write ``benchmarks/results/*.json`` plus ``SUMMARY.md``.
+"""Run every skrtl benchmark and summarise the results in ``SUMMARY.md``.
 
 Usage::
 
-    python benchmarks/run_all.py            # full runs (tens of minutes on 2 CPU cores)
-    python benchmarks/run_all.py --quick    # smoke run of each
+    python benchmarks/run_all.py                   # full runs (tens of minutes on 2 CPU cores)
+    python benchmarks/run_all.py --quick           # smoke run of each
     python benchmarks/run_all.py --only features finetune
+    python benchmarks/run_all.py --summary-only    # summarise results/*.json, run nothing
 
-Each ``bench_<name>.py`` script prints its own table and writes ``results/<name>.json``; this
-runner calls them one after the other (so their timings do not compete for the cores), then
-collects the JSON files into one summary table.
+Each ``bench_<name>.py`` script prints its own tables and writes ``results/<name>.json``
+(``results/quick/<name>.json`` with ``--quick``) in the schema of ``_common.py``. This runner
+calls them one after the other (so that their timings do not compete for the cores), then
+writes one Markdown table per result file, from its ``summary``, to ``SUMMARY.md`` in the same
+folder. Result files written before the shared harness are converted on read.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+from _common import HERE, QUICK_RESULTS, RESULTS, read_result
 
 
 def _scripts(only: list[str] | None) -> list[Path]:
@@ -31,39 +32,64 @@ def _scripts(only: list[str] | None) -> list[Path]:
     return scripts
 
 
-def _flatten(prefix: str, obj, out: dict) -> None:
-    if isinstance(obj, dict):
-        for key, val in obj.items():
-            _flatten(f"{prefix}.{key}" if prefix else str(key), val, out)
-    elif isinstance(obj, int | float | str | bool) or obj is None:
-        out[prefix] = obj
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
-def summarise() -> str:
-    """Build the Markdown summary table from ``results/*.json``."""
-    lines = ["# Benchmark summary", "", "| benchmark | metric | value |", "|---|---|---|"]
-    for path in sorted(RESULTS.glob("*.json")):
+def _machine_line(machine: dict) -> str:
+    if machine.get("description"):  # results written before the harness
+        return str(machine["description"])
+    versions = machine.get("versions", {})
+    parts = [
+        f"{machine.get('cpu')} ({machine.get('cores_available')} cores)",
+        f"torch threads {machine.get('torch_threads')}",
+        f"OMP_NUM_THREADS={machine.get('omp_num_threads')}",
+        f"load {machine.get('load_average_1min_start')} -> {machine.get('load_average_1min_end')}",
+        ", ".join(f"{k} {v}" for k, v in versions.items() if v),
+    ]
+    if machine.get("git"):
+        parts.append(f"git {machine['git']}")
+    if machine.get("started_utc"):
+        parts.append(str(machine["started_utc"]))
+    return "; ".join(parts)
+
+
+def summarise(folder: Path = RESULTS) -> str:
+    """The Markdown summary of the result files in ``folder``: one table per file."""
+    lines = ["# Benchmark summary", ""]
+    for path in sorted(folder.glob("*.json")):
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError:
+            data = read_result(path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # say so, go on
+            lines += [f"## {path.stem}", "", f"unreadable: {type(exc).__name__}: {exc}", ""]
             continue
-        flat: dict = {}
-        _flatten("", data.get("summary", data), flat)
-        for key, val in flat.items():
-            if isinstance(val, float):
-                val = f"{val:.4g}"
-            lines.append(f"| {path.stem} | {key} | {val} |")
-    return "\n".join(lines) + "\n"
+        title = data["benchmark"] if data["benchmark"] == path.stem else path.stem
+        lines += [
+            f"## {title} (issue {data.get('issue')}, {data.get('profile')})",
+            "",
+            f"{path.name}; {_machine_line(data.get('machine', {}))}",
+            "",
+            "| metric | value |",
+            "|---|---|",
+        ]
+        lines += [f"| {key} | {_format(val)} |" for key, val in data["summary"].items()]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run of each benchmark")
     parser.add_argument("--only", nargs="*", help="benchmark names, e.g. features finetune")
+    parser.add_argument(
+        "--summary-only", action="store_true", help="summarise the result files, run nothing"
+    )
     args = parser.parse_args(argv)
-    RESULTS.mkdir(exist_ok=True)
+    folder = QUICK_RESULTS if args.quick else RESULTS
     failures = []
-    for script in _scripts(args.only):
+    for script in [] if args.summary_only else _scripts(args.only):
         cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else [])
         print(f"\n=== {script.name} {'(quick)' if args.quick else ''}", flush=True)
         start = time.perf_counter()
@@ -71,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"=== {script.name}: exit {proc.returncode} in {time.perf_counter() - start:.0f} s")
         if proc.returncode:
             failures.append(script.name)
-    summary = summarise()
-    (RESULTS / "SUMMARY.md").write_text(summary)
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = summarise(folder)
+    (folder / "SUMMARY.md").write_text(summary)
     print("\n" + summary)
     if failures:
         print("failed:", ", ".join(failures))
