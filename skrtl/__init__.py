@@ -21,7 +21,14 @@ from ._backbone import (
 from ._base import HarmonizationWarning
 from ._calibration import BiasCorrectedTemperatureScaling, TemperatureScaling, VectorScaling
 from ._combat import ComBatHarmonizer, ComBatWarning
+from ._da_scoring import DA_SCORERS, SiteDAScorer, make_site_da_scorer
 from ._diagnostics import MMDResult, ShiftDiagnosis, diagnose_shift, mmd_test, proxy_a_distance
+from ._domain_adaptation import (
+    DA_ADAPTERS,
+    DomainAdapter,
+    SiteDAPipeline,
+    make_site_da_pipeline,
+)
 from ._features import PretrainedCNNFeatures, clear_feature_cache, feature_cache_info
 from ._finetune import FineTuneClassifier
 from ._harmonize import (
@@ -61,6 +68,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CT_WINDOWS",
+    "DA_ADAPTERS",
+    "DA_SCORERS",
     "DEFAULT_BACKBONE",
     "EMBEDDED_BACKBONES",
     "RADIOMICS_FEATURE_CLASSES",
@@ -71,6 +80,7 @@ __all__ = [
     "ComBatHarmonizer",
     "ComBatWarning",
     "CoxPHSurvival",
+    "DomainAdapter",
     "FineTuneClassifier",
     "HarmonizationWarning",
     "HistogramMatcher",
@@ -83,6 +93,8 @@ __all__ = [
     "RadiomicsFeatures",
     "SelectKBestSurvival",
     "ShiftDiagnosis",
+    "SiteDAPipeline",
+    "SiteDAScorer",
     "SpacingResampler",
     "StrategyAdvice",
     "TemperatureScaling",
@@ -109,6 +121,8 @@ __all__ = [
     "load_backbone",
     "make_concordance_scorer",
     "make_image_frame",
+    "make_site_da_pipeline",
+    "make_site_da_scorer",
     "make_survival_target",
     "mmd_test",
     "otsu_mask",

@@ -19,6 +19,7 @@ from skrtl._calibration import (
     VectorScaling,
 )
 from skrtl._combat import ComBatHarmonizer
+from skrtl._domain_adaptation import DomainAdapter, make_site_da_pipeline
 from skrtl._features import PretrainedCNNFeatures
 from skrtl._finetune import FineTuneClassifier
 from skrtl._harmonize import (
@@ -102,6 +103,30 @@ _COMBAT = (
 # the same checks as a selector's: every one needs the side data sklearn's test data lacks
 _COMBAT_CHECKS = _SEL_CHECKS + ["check_fit2d_1sample"]
 
+_DA = (
+    "needs the site of every row (a 'site' column of a DataFrame X or a routed sample_domain) "
+    "and at least one target site; sklearn's generic check data carries none "
+    "(tests/test_domain_adaptation.py checks the invariants)"
+)
+_DA_ADAPTER_CHECKS = _COMBAT_CHECKS
+_DA_PIPELINE_CHECKS = [c for c in _COMBAT_CHECKS if not c.startswith("check_transformer")] + [
+    "check_all_zero_sample_weights_error",
+    "check_classifier_data_not_an_array",
+    "check_classifiers_classes",
+    "check_classifiers_one_label",
+    "check_classifiers_one_label_sample_weights",
+    "check_classifiers_regression_target",
+    "check_classifiers_train",
+    "check_decision_proba_consistency",
+    "check_sample_weight_equivalence_on_dense_data",
+    "check_sample_weights_list",
+    "check_sample_weights_not_an_array",
+    "check_sample_weights_not_overwritten",
+    "check_sample_weights_pandas_series",
+    "check_sample_weights_shape",
+    "check_supervised_y_2d",
+]
+
 ESTIMATORS: list = [
     # image estimators: their tags say they take image arrays, not sklearn's tabular test data,
     # so sklearn runs only its data-free checks on them (clone, params, repr, tags, unfitted);
@@ -122,8 +147,10 @@ ESTIMATORS: list = [
         validation_fraction=None,
         random_state=0,
     ),
-    # feature-level harmonization
+    # feature-level harmonization and domain adaptation (skada)
     ComBatHarmonizer(),
+    DomainAdapter("coral", target_sites="B"),
+    make_site_da_pipeline("coral", LogisticRegression(), target_sites="B"),
     # probability calibrators
     TemperatureScaling(),
     BiasCorrectedTemperatureScaling(),
@@ -148,6 +175,8 @@ EXPECTED_FAILED_CHECKS: dict[str, dict[str, str]] = {
     "BiasCorrectedTemperatureScaling": dict.fromkeys(_CAL_CHECKS, _CAL),
     "VectorScaling": dict.fromkeys(_CAL_CHECKS, _CAL),
     "ComBatHarmonizer": dict.fromkeys(_COMBAT_CHECKS, _COMBAT),
+    "DomainAdapter": dict.fromkeys(_DA_ADAPTER_CHECKS, _DA),
+    "SiteDAPipeline": dict.fromkeys(_DA_PIPELINE_CHECKS, _DA),
     "CoxPHSurvival": dict.fromkeys(_COX_CHECKS, _SURV),
     "SelectKBestSurvival": dict.fromkeys(_SEL_CHECKS, _SURV),
 }
