@@ -18,6 +18,15 @@ from ._backbone import (
     load_backbone,
 )
 from ._calibration import BiasCorrectedTemperatureScaling, TemperatureScaling, VectorScaling
+from ._cohort import (
+    COHORT_COLUMNS,
+    Case,
+    CohortError,
+    is_lazy_frame,
+    iter_cases,
+    load_case,
+    read_cohort,
+)
 from ._combat import ComBatHarmonizer, ComBatWarning
 from ._diagnostics import MMDResult, ShiftDiagnosis, diagnose_shift, mmd_test, proxy_a_distance
 from ._features import PretrainedCNNFeatures, clear_feature_cache, feature_cache_info
@@ -31,6 +40,19 @@ from ._harmonize import (
     SpacingResampler,
 )
 from ._imaging import make_image_frame, read_image_frame
+from ._io import (
+    ImageHeader,
+    ImageReadError,
+    MaskGeometryError,
+    MedicalImage,
+    compare_geometry,
+    list_dicom_series,
+    read_header,
+    read_image,
+    read_mask,
+    select_label,
+    write_image,
+)
 from ._label_shift import (
     LabelShiftAdapter,
     LabelShiftWarning,
@@ -39,6 +61,13 @@ from ._label_shift import (
     em_prior_estimate,
     prior_shift_class_weight,
     prior_shift_sample_weight,
+)
+from ._lesion import (
+    LesionCrop,
+    adjacent_slices,
+    crop_lesion,
+    lesion_slice,
+    orthogonal_planes,
 )
 from ._radiomics import RADIOMICS_FEATURE_CLASSES, RadiomicsFeatures, otsu_mask
 from ._search import CVMedianPruner, TransferSearchCV, transfer_search_space
@@ -55,6 +84,7 @@ from ._survival import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "COHORT_COLUMNS",
     "CT_WINDOWS",
     "DEFAULT_BACKBONE",
     "RADIOMICS_FEATURE_CLASSES",
@@ -62,17 +92,24 @@ __all__ = [
     "BackboneWeightsError",
     "BiasCorrectedTemperatureScaling",
     "CVMedianPruner",
+    "Case",
+    "CohortError",
     "ComBatHarmonizer",
     "ComBatWarning",
     "CoxPHSurvival",
     "FineTuneClassifier",
     "HarmonizationWarning",
     "HistogramMatcher",
+    "ImageHeader",
+    "ImageReadError",
     "IntensityStandardizer",
     "IntensityWindow",
     "LabelShiftAdapter",
     "LabelShiftWarning",
+    "LesionCrop",
     "MMDResult",
+    "MaskGeometryError",
+    "MedicalImage",
     "PretrainedCNNFeatures",
     "RadiomicsFeatures",
     "SelectKBestSurvival",
@@ -84,31 +121,46 @@ __all__ = [
     "TransferSearchCV",
     "VectorScaling",
     "__version__",
+    "adjacent_slices",
     "adjust_posteriors",
     "backbone_data_config",
     "bbse_prior_estimate",
     "bn_layers",
-    "datasets",
     "clear_feature_cache",
+    "compare_geometry",
     "concordance_index",
     "cox_score_test",
+    "crop_lesion",
+    "datasets",
     "describe_layers",
     "diagnose_shift",
     "em_prior_estimate",
     "feature_cache_info",
     "get_transfer_layers",
+    "is_lazy_frame",
+    "iter_cases",
     "kaplan_meier",
+    "lesion_slice",
+    "list_dicom_series",
     "load_backbone",
+    "load_case",
     "make_concordance_scorer",
     "make_image_frame",
     "make_survival_target",
     "mmd_test",
+    "orthogonal_planes",
     "otsu_mask",
     "prior_shift_class_weight",
     "prior_shift_sample_weight",
     "proxy_a_distance",
+    "read_cohort",
+    "read_header",
+    "read_image",
     "read_image_frame",
+    "read_mask",
     "reestimate_bn_stats",
+    "select_label",
     "suggest_strategy",
     "transfer_search_space",
+    "write_image",
 ]
