@@ -166,6 +166,11 @@ def test_bad_tables_and_parameters(cohort):
         read_cohort(pd.DataFrame({"image": [np.zeros((4, 4))]}))
     with pytest.raises(FileNotFoundError, match="cohort table"):
         read_cohort(csv.parent / "nope.csv")
+    (csv.parent / "img" / "broken.nii.gz").write_bytes(b"\x1f\x8b broken")
+    corrupt = df.copy()
+    corrupt.loc[2, "Image"] = "img/broken.nii.gz"
+    with pytest.raises(CohortError, match=r"case 2 \[image\]: cannot read image .*broken"):
+        read_cohort(corrupt, label="Label", base_dir=csv.parent)
     empty_image = df.copy()
     empty_image.loc[1, "Image"] = ""
     with pytest.raises(CohortError, match=r"case 1 \[image\]: no image path"):

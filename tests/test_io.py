@@ -490,6 +490,11 @@ def labelled(volume, tmp_path_factory):
     far.CopyInformation(img)
     far.SetOrigin((500.0, 500.0, 500.0))
     sitk.WriteImage(far, str(root / "far.nii.gz"))
+    turned = sitk.GetImageFromArray(lab)
+    turned.CopyInformation(img)
+    d = np.asarray(img.GetDirection()).reshape(3, 3)
+    turned.SetDirection(tuple((rotation((0, 0, 1), 3) @ d).ravel()))  # 3 degrees off
+    sitk.WriteImage(turned, str(root / "turned.nii.gz"))
     prob = sitk.GetImageFromArray(lab.astype(np.float32) * 0.45)
     prob.CopyInformation(img)
     sitk.WriteImage(prob, str(root / "prob.nii.gz"))
@@ -528,6 +533,8 @@ def test_mask_geometry_mismatch_names_both_files(files, labelled):
     assert set(exc.value.differences) == {"origin"}
     with pytest.raises(MaskGeometryError, match="size: image .* vs mask"):
         read_mask(root / "small.nii.gz", reference=image, label=1)
+    with pytest.raises(MaskGeometryError, match=r"turned\.nii\.gz.*ct\.nii\.gz.*direction"):
+        read_mask(root / "turned.nii.gz", reference=image, label=1)
     # within the tolerance: accepted; a tolerance of 0 refuses it
     assert read_mask(root / "tiny_shift.nii.gz", reference=image, label=1).sum() == 24
     with pytest.raises(MaskGeometryError, match="origin"):
