@@ -20,6 +20,15 @@ from ._backbone import (
 )
 from ._base import HarmonizationWarning
 from ._calibration import BiasCorrectedTemperatureScaling, TemperatureScaling, VectorScaling
+from ._cohort import (
+    COHORT_COLUMNS,
+    Case,
+    CohortError,
+    is_lazy_frame,
+    iter_cases,
+    load_case,
+    read_cohort,
+)
 from ._combat import ComBatHarmonizer, ComBatWarning
 from ._da_scoring import DA_SCORERS, SiteDAScorer, make_site_da_scorer
 from ._diagnostics import MMDResult, ShiftDiagnosis, diagnose_shift, mmd_test, proxy_a_distance
@@ -39,6 +48,19 @@ from ._harmonize import (
     SpacingResampler,
 )
 from ._imaging import make_image_frame, read_image_frame
+from ._io import (
+    ImageHeader,
+    ImageReadError,
+    MaskGeometryError,
+    MedicalImage,
+    compare_geometry,
+    list_dicom_series,
+    read_header,
+    read_image,
+    read_mask,
+    select_label,
+    write_image,
+)
 from ._label_shift import (
     LabelShiftAdapter,
     LabelShiftWarning,
@@ -47,6 +69,13 @@ from ._label_shift import (
     em_prior_estimate,
     prior_shift_class_weight,
     prior_shift_sample_weight,
+)
+from ._lesion import (
+    LesionCrop,
+    adjacent_slices,
+    crop_lesion,
+    lesion_slice,
+    orthogonal_planes,
 )
 from ._pruning import CVMedianPruner
 from ._radiomics import RADIOMICS_FEATURE_CLASSES, RadiomicsFeatures, otsu_mask
@@ -67,6 +96,7 @@ from ._transfer import layerwise_param_groups
 __version__ = "0.1.0"
 
 __all__ = [
+    "COHORT_COLUMNS",
     "CT_WINDOWS",
     "DA_ADAPTERS",
     "DA_SCORERS",
@@ -77,6 +107,8 @@ __all__ = [
     "BackboneWeightsError",
     "BiasCorrectedTemperatureScaling",
     "CVMedianPruner",
+    "Case",
+    "CohortError",
     "ComBatHarmonizer",
     "ComBatWarning",
     "CoxPHSurvival",
@@ -84,11 +116,16 @@ __all__ = [
     "FineTuneClassifier",
     "HarmonizationWarning",
     "HistogramMatcher",
+    "ImageHeader",
+    "ImageReadError",
     "IntensityStandardizer",
     "IntensityWindow",
     "LabelShiftAdapter",
     "LabelShiftWarning",
+    "LesionCrop",
     "MMDResult",
+    "MaskGeometryError",
+    "MedicalImage",
     "PretrainedCNNFeatures",
     "RadiomicsFeatures",
     "SelectKBestSurvival",
@@ -103,34 +140,49 @@ __all__ = [
     "TransferSearchDisplay",
     "VectorScaling",
     "__version__",
+    "adjacent_slices",
     "adjust_posteriors",
     "backbone_data_config",
     "bbse_prior_estimate",
     "bn_layers",
-    "datasets",
     "clear_feature_cache",
+    "compare_geometry",
     "concordance_index",
     "cox_score_test",
+    "crop_lesion",
+    "datasets",
     "describe_layers",
     "diagnose_shift",
     "em_prior_estimate",
     "feature_cache_info",
     "get_transfer_layers",
+    "is_lazy_frame",
+    "iter_cases",
     "kaplan_meier",
     "layerwise_param_groups",
+    "lesion_slice",
+    "list_dicom_series",
     "load_backbone",
+    "load_case",
     "make_concordance_scorer",
     "make_image_frame",
     "make_site_da_pipeline",
     "make_site_da_scorer",
     "make_survival_target",
     "mmd_test",
+    "orthogonal_planes",
     "otsu_mask",
     "prior_shift_class_weight",
     "prior_shift_sample_weight",
     "proxy_a_distance",
+    "read_cohort",
+    "read_header",
+    "read_image",
     "read_image_frame",
+    "read_mask",
     "reestimate_bn_stats",
+    "select_label",
     "suggest_strategy",
     "transfer_search_space",
+    "write_image",
 ]

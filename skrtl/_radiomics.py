@@ -19,11 +19,13 @@ import logging
 from numbers import Integral
 
 import numpy as np
+import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._imaging import read_image_frame
+from ._io import select_label
 
 __all__ = ["RADIOMICS_FEATURE_CLASSES", "RadiomicsFeatures", "otsu_mask"]
 
@@ -185,6 +187,12 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
     missing_mask : {"error", "whole", "otsu"}, default="error"
         What to do for samples without a mask: raise, use the whole image as the region of
         interest, or use an Otsu-threshold foreground mask (:func:`otsu_mask`).
+    label : int, sequence of int or None, default=None
+        Structure of a multi-label mask to describe (a sequence: the union of those labels).
+        PyRadiomics' own ``settings["label"]`` is honoured as well (giving both with different
+        values raises). ``None`` (and no ``settings["label"]``) requires masks with a single
+        non-zero value: a mask with several labels raises instead of silently merging the
+        structures. A label absent from a mask raises, listing the labels present.
     errors : {"raise", "nan"}, default="raise"
         When PyRadiomics fails on a sample (e.g. a 1-pixel mask): raise a ``ValueError``
         naming the sample, or return a row of NaN (impute it downstream).
@@ -207,9 +215,10 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
     Notes
     -----
     Image spacing (frame column ``spacing``, in array axis order, mm) is passed to PyRadiomics,
-    so shape features are in physical units and ``resampledPixelSpacing`` works. Masks are
-    binarized (non-zero = region of interest). ``fit`` only extracts features of the first
-    sample to fix the feature names; ``fit_transform`` extracts every sample once.
+    so shape features are in physical units and ``resampledPixelSpacing`` works. The selected
+    label (or the single non-zero value) is the region of interest. ``fit`` only extracts
+    features of the first sample to fix the feature names; ``fit_transform`` extracts every
+    sample once.
 
     Examples
     --------
@@ -233,6 +242,7 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
         "settings": [dict, None],
         "mode": [StrOptions({"auto", "2d", "3d"})],
         "missing_mask": [StrOptions({"error", "whole", "otsu"})],
+        "label": [Interval(Integral, 1, None, closed="left"), list, tuple, None],
         "errors": [StrOptions({"raise", "nan"})],
         "n_jobs": [Integral, None],
         "verbose": [Interval(Integral, 0, None, closed="left"), bool],
@@ -246,6 +256,7 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
         settings=None,
         mode="auto",
         missing_mask="error",
+        label=None,
         errors="raise",
         n_jobs=None,
         verbose=0,
@@ -255,6 +266,7 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
         self.settings = settings
         self.mode = mode
         self.missing_mask = missing_mask
+        self.label = label
         self.errors = errors
         self.n_jobs = n_jobs
         self.verbose = verbose
@@ -263,8 +275,6 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
     def _resolve_mode(self, X) -> str:
         if self.mode != "auto":
             return self.mode
-        import pandas as pd
-
         if isinstance(X, pd.DataFrame) and "image" in X.columns and len(X):
             first = np.asarray(X["image"].iloc[0])
             return "3d" if first.ndim == 3 else "2d"
@@ -275,10 +285,42 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
             return "3d" if np.asarray(arr.flat[0]).ndim == 3 else "2d"
         return "2d"
 
+    def _label(self):
+        """The label to select: ``label`` or PyRadiomics' ``settings["label"]``."""
+        own = (self.settings or {}).get("label")
+        if self.label is not None and own is not None and own != self.label:
+            raise ValueError(
+                f"label={self.label!r} and settings['label']={own!r} disagree; give the label "
+                "once (either is fine)."
+            )
+        return self.label if self.label is not None else own
+
+    def _select_labels(self, X):
+        """The frame with each mask reduced to the selected structure (boolean)."""
+        label = self._label()
+        if not isinstance(X, pd.DataFrame) or "mask" not in X.columns:
+            return X
+        name = type(self).__name__
+        col = X["mask"].to_numpy()
+        new = np.empty(len(col), dtype=object)
+        for i, m in enumerate(col):
+            if m is None or (isinstance(m, float) and np.isnan(m)):
+                new[i] = m
+                continue
+            arr = np.asarray(m)
+            if arr.dtype != object and arr.size and not np.any(arr):
+                new[i] = arr  # empty: reported below with the missing_mask hint
+                continue
+            new[i] = select_label(arr, label, name=f"{name}: mask {i}")
+        X = X.copy()
+        X["mask"] = new
+        return X
+
     def _read(self, X):
         """Validated ``(images, masks, spacings)`` lists and the spatial ndim."""
         mode = self._resolve_mode(X)
         name = type(self).__name__
+        X = self._select_labels(X)
         try:
             data = read_image_frame(X, mode=mode, estimator_name=name)
         except ValueError as exc:
@@ -377,7 +419,7 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
         kwargs = {
             "features": self.feature_classes_,
             "image_types": self._image_types(),
-            "settings": dict(self.settings or {}),
+            "settings": {k: v for k, v in (self.settings or {}).items() if k != "label"},
             "verbose": int(self.verbose),
             "errors": self.errors,
         }

@@ -239,3 +239,53 @@ def test_deep_and_handcrafted_fusion_in_one_pipeline(frame2d):
     n_rad = sum(n.startswith("radiomics__original_firstorder") for n in names)
     assert n_rad == 18 and len(names) > n_rad
     assert pipe.predict_proba(X).shape == (len(y), 2)
+
+
+def _two_structures():
+    """Two different regions in one label map: 1 = bright, small; 2 = darker, larger."""
+    rng = np.random.default_rng(5)
+    images, labels = [], []
+    for _ in range(3):
+        img = rng.normal(40, 5, size=(32, 32))
+        lab = np.zeros((32, 32), np.uint8)
+        lab[4:12, 4:12] = 1
+        lab[16:30, 14:30] = 2
+        img[lab == 1] += 100
+        img[lab == 2] += rng.normal(20, 10, size=(lab == 2).sum())
+        images.append(img)
+        labels.append(lab)
+    return images, labels
+
+
+def test_label_selects_one_structure_like_pyradiomics_setting():
+    images, labels = _two_structures()
+    X = make_image_frame(images, masks=labels, spacing=(0.5, 0.5))
+    feats = {"firstorder": ["Mean"], "shape2D": ["PixelSurface"]}
+    only2 = make_image_frame(images, masks=[lab == 2 for lab in labels], spacing=(0.5, 0.5))
+    ref = RadiomicsFeatures(features=feats).fit_transform(only2)
+    for rad in (
+        RadiomicsFeatures(features=feats, label=2),
+        RadiomicsFeatures(features=feats, settings={"label": 2}),  # PyRadiomics' own setting
+        RadiomicsFeatures(features=feats, label=2, settings={"label": 2}),
+    ):
+        np.testing.assert_allclose(rad.fit_transform(X), ref)
+    names = list(RadiomicsFeatures(features=feats, label=2).fit(X).get_feature_names_out())
+    area = ref[:, names.index("original_shape2D_PixelSurface")]
+    np.testing.assert_allclose(area, (labels[0] == 2).sum() * 0.25)
+    union = RadiomicsFeatures(features=feats, label=[1, 2]).fit_transform(X)
+    assert union[0, names.index("original_shape2D_PixelSurface")] == (labels[0] > 0).sum() * 0.25
+
+
+def test_label_errors_instead_of_a_silent_union():
+    images, labels = _two_structures()
+    X = make_image_frame(images, masks=labels)
+    with pytest.raises(ValueError, match=r"mask 0 has 2 labels: 1 \(64 voxels\).*label="):
+        RadiomicsFeatures(features=["firstorder"]).fit(X)
+    with pytest.raises(ValueError, match=r"label 3 is not in .*mask 0; labels present: 1"):
+        RadiomicsFeatures(features=["firstorder"], label=3).fit(X)
+    with pytest.raises(ValueError, match="disagree"):
+        RadiomicsFeatures(features=["firstorder"], label=1, settings={"label": 2}).fit(X)
+    fitted = RadiomicsFeatures(features=["firstorder"], label=1).fit(X)
+    only2 = [np.where(lab == 2, 2, 0).astype(np.uint8) for lab in labels]
+    with pytest.raises(ValueError, match="label 1 is not in"):
+        fitted.transform(make_image_frame(images, masks=only2))
