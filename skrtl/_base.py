@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.base import BaseEstimator
+from sklearn.utils import check_array
 from sklearn.utils._param_validation import Interval, StrOptions
 from torch import nn
 
@@ -51,6 +52,7 @@ __all__ = [
     "TorchNetworkMixin",
     "resolve_unseen",
     "site_labels",
+    "split_site_features",
     "unseen_constraint",
 ]
 
@@ -346,3 +348,105 @@ def site_labels(X, *, site_column, sample_domain=None, name: str = "estimator"):
             "'unknown' as its own site) or drop them."
         )
     return np.asarray([str(v) for v in raw], dtype=object)
+
+
+def _check_finite_features(X: np.ndarray, names: list[str], estimator_name: str) -> None:
+    """Raise naming the first rows and columns of NaN / infinite features."""
+    bad = ~np.isfinite(X)
+    if bad.any():
+        rows, cols = np.nonzero(bad)
+        where = ", ".join(f"row {r} column {names[c]!r}" for r, c in list(zip(rows, cols))[:5])
+        raise ValueError(
+            f"{estimator_name}: the features contain {int(bad.sum())} NaN or infinite values "
+            f"({where}{', ...' if bad.sum() > 5 else ''}). Impute them first (e.g. "
+            "sklearn.impute.SimpleImputer before this step) or drop those rows or columns."
+        )
+
+
+def split_site_features(
+    est,
+    X,
+    *,
+    sample_domain=None,
+    fitting: bool,
+    exclude=(),
+    what: str = "every column except the site column",
+):
+    """Features, site labels and feature names of a site-aware step on tabular features.
+
+    A DataFrame ``X`` gives its ``est.site_column`` column as the sites (dropped from the
+    features) and may hold ``exclude`` columns (e.g. covariates, also dropped); an array is all
+    features. ``sample_domain`` (routed) overrides the column and must agree with it when both
+    are given. With ``fitting`` the input columns are recorded on ``est``
+    (``feature_names_in_``, ``n_features_in_``, ``_n_feature_columns_``); otherwise they are
+    checked against them.
+
+    Returns
+    -------
+    X_features : ndarray of float64, shape (n_samples, n_features)
+    sites : ndarray of str or None
+    feature_names : list of str
+    """
+    name = type(est).__name__
+    col = est.site_column
+    if isinstance(X, pd.DataFrame):
+        names = [str(c) for c in X.columns]
+        if fitting:
+            est.feature_names_in_ = np.asarray(names, dtype=object)
+            est.n_features_in_ = len(names)
+        elif hasattr(est, "feature_names_in_") and names != list(est.feature_names_in_):
+            raise ValueError(
+                f"{name}: the columns of X differ from those seen in fit ({names[:6]!r}... vs "
+                f"{list(est.feature_names_in_)[:6]!r}...). Pass the same columns, in the same "
+                "order."
+            )
+        missing = [c for c in exclude if c not in X.columns]
+        if missing:
+            raise ValueError(
+                f"{name}: columns {missing!r} are not in X (columns: {names[:8]!r}...). Add "
+                "them to X or drop them from the parameters."
+            )
+        drop = list(exclude) + ([col] if col is not None and col in X.columns else [])
+        feats = X.drop(columns=drop)
+        bad = [
+            c
+            for c in feats.columns
+            if not pd.api.types.is_numeric_dtype(feats[c]) or pd.api.types.is_bool_dtype(feats[c])
+        ]
+        if bad:
+            raise ValueError(
+                f"{name}: columns {bad[:5]!r} of X are not numeric features. {name} uses {what} "
+                f"(site_column={col!r}) as features; drop the others or declare them."
+            )
+        feature_names = [str(c) for c in feats.columns]
+        values = feats.to_numpy(dtype=np.float64)
+    else:
+        if exclude:
+            raise ValueError(
+                f"{name}: {list(exclude)!r} name DataFrame columns but X is an array; pass a "
+                "DataFrame (or route the values as metadata)."
+            )
+        values = check_array(X, dtype=np.float64, ensure_all_finite=False)
+        if fitting:
+            est.n_features_in_ = values.shape[1]
+            if hasattr(est, "feature_names_in_"):
+                del est.feature_names_in_
+        feature_names = [f"x{i}" for i in range(values.shape[1])]
+    _check_finite_features(values, feature_names, name)
+    Xf = check_array(values, dtype=np.float64, ensure_min_samples=1)
+    if fitting:
+        est._n_feature_columns_ = Xf.shape[1]
+    elif Xf.shape[1] != getattr(est, "_n_feature_columns_", Xf.shape[1]):
+        raise ValueError(
+            f"X has {Xf.shape[1]} features, but {name} is expecting "
+            f"{est._n_feature_columns_} features as input."
+        )
+    sites = site_labels(X, site_column=col, sample_domain=sample_domain, name=name)
+    if sample_domain is not None and isinstance(X, pd.DataFrame) and col in X.columns:
+        own = site_labels(X, site_column=col, name=name)
+        if not np.array_equal(own, sites):
+            raise ValueError(
+                f"{name}: sample_domain disagrees with X[{col!r}]; give the sites once (either "
+                "the column or sample_domain)."
+            )
+    return Xf, sites, feature_names

@@ -468,7 +468,8 @@ class TransferSearchCV(MetaEstimatorMixin, BaseEstimator):
         is_clf = get_tags(self.estimator).estimator_type == "classifier"
         cv = check_cv(self.cv, y, classifier=is_clf)
         if _routing_enabled():
-            routed = process_routing(self, "fit", groups=groups, **fit_params)
+            extra = {} if groups is None else {"groups": groups}
+            routed = process_routing(self, "fit", **extra, **fit_params)
             split_params = routed.splitter.split
             fit_params = routed.estimator.fit
             score_params = routed.scorer.score
@@ -669,17 +670,21 @@ class TransferSearchCV(MetaEstimatorMixin, BaseEstimator):
         return self.best_estimator_.transform(X)
 
     @available_if(_estimator_has("score"))
-    def score(self, X, y=None):
+    def score(self, X, y=None, **params):
         """Score ``best_estimator_`` on ``X, y`` with the search's scorer.
 
         Parameters
         ----------
         X : array-like or image frame
         y : array-like, default=None
+        **params
+            Passed to the scorer (with metadata routing: as the scorer requests them).
 
         Returns
         -------
         float
         """
         self._check_refit("score")
-        return float(self.scorer_(self.best_estimator_, X, y))
+        if _routing_enabled():
+            params = process_routing(self, "score", **params).scorer.score
+        return float(self.scorer_(self.best_estimator_, X, y, **params))

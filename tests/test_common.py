@@ -208,3 +208,95 @@ if ESTIMATORS:
     @parametrize_with_checks(ESTIMATORS, expected_failed_checks=_expected_failed_checks)
     def test_sklearn_compatible_estimator(estimator, check):
         check(estimator)
+
+
+# --------------------------------------------------------------------------------------------
+# image-estimator checks: sklearn's checks cannot feed images, so these run the invariances
+# that matter (clone, pickle, idempotent fit, subset invariance) on tiny image frames
+# --------------------------------------------------------------------------------------------
+import pickle  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from sklearn.base import clone  # noqa: E402
+
+from conftest import blob_images  # noqa: E402
+
+
+def _tiny_frame():
+    X, y, masks = blob_images(n=12)
+    from skrtl import make_image_frame
+
+    frame = make_image_frame(
+        X * 40 + 100, masks=masks, spacing=(0.7, 0.7), sites=list("AAAABBBBCCCC")
+    )
+    return frame, y
+
+
+def _numeric(out):
+    """A numeric array of an estimator's output (images of an image frame stacked)."""
+    if isinstance(out, pd.DataFrame):
+        if "image" in out.columns:
+            return np.stack([np.asarray(v, dtype=np.float64) for v in out["image"]])
+        return out.to_numpy(dtype=np.float64)
+    return np.asarray(out, dtype=np.float64)
+
+
+def _finetune():
+    return FineTuneClassifier(
+        input_size=32,
+        max_epochs=1,
+        batch_size=8,
+        n_estimators=1,
+        pretrained=False,
+        validation_fraction=None,
+        random_state=0,
+    )
+
+
+# (id, factory, method, fit uses y, fit params maker)
+IMAGE_ESTIMATORS = [
+    ("features", lambda: PretrainedCNNFeatures(input_size=32, precision="fp32"), "transform"),
+    ("finetune", _finetune, "predict_proba"),
+    ("adabn", lambda: AdaBN(PretrainedCNNFeatures(input_size=32, precision="fp32")), "transform"),
+    ("radiomics", lambda: RadiomicsFeatures(features=["firstorder"]), "transform"),
+    ("spacing", lambda: SpacingResampler(target_spacing=(1.0, 1.0)), "transform"),
+    ("histogram", lambda: HistogramMatcher(), "transform"),
+    ("window", lambda: IntensityWindow(windows=(100.0, 80.0)), "transform"),
+    ("standardizer", lambda: IntensityStandardizer(), "transform"),
+]
+
+
+def _fit(est, frame, y):
+    if isinstance(est, AdaBN):
+        sites = frame["site"].to_numpy()
+        return est.fit(frame[sites != "C"], y[sites != "C"], X_target=frame[sites == "C"])
+    return est.fit(frame, y)
+
+
+@pytest.mark.parametrize(
+    "name, make, method", IMAGE_ESTIMATORS, ids=[e[0] for e in IMAGE_ESTIMATORS]
+)
+def test_image_estimator_invariances(name, make, method):
+    if name == "radiomics":
+        pytest.importorskip("radiomics")
+    frame, y = _tiny_frame()
+    est = make()
+    # clone: same parameters, nothing fitted
+    twin = clone(est)
+    assert twin.get_params(deep=False).keys() == est.get_params(deep=False).keys()
+    assert not [k for k in vars(twin) if k.endswith("_") and not k.startswith("_")]
+    _fit(est, frame, y)
+    out = _numeric(getattr(est, method)(frame))
+    assert out.shape[0] == len(frame) and np.all(np.isfinite(out))
+    # pickle round trip: identical output
+    again = pickle.loads(pickle.dumps(est))
+    np.testing.assert_allclose(_numeric(getattr(again, method)(frame)), out, rtol=1e-6, atol=1e-6)
+    # idempotent fit: refitting on the same data gives the same output
+    _fit(est, frame, y)
+    np.testing.assert_allclose(_numeric(getattr(est, method)(frame)), out, rtol=1e-5, atol=1e-5)
+    # subset invariance: a subset of rows (another batch composition) gives the same rows
+    rows = np.array([7, 2, 10, 0])
+    part = _numeric(getattr(est, method)(frame.iloc[rows]))
+    np.testing.assert_allclose(part, out[rows], rtol=1e-4, atol=1e-5)
