@@ -8,7 +8,14 @@ imbalanced-learn's ``test_common.py``.
 
 from __future__ import annotations
 
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import blob_images
 from optuna.distributions import FloatDistribution
+from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
@@ -214,14 +221,6 @@ if ESTIMATORS:
 # image-estimator checks: sklearn's checks cannot feed images, so these run the invariances
 # that matter (clone, pickle, idempotent fit, subset invariance) on tiny image frames
 # --------------------------------------------------------------------------------------------
-import pickle  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-from sklearn.base import clone  # noqa: E402
-
-from conftest import blob_images  # noqa: E402
 
 
 def _tiny_frame():
