@@ -371,8 +371,17 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
         if memo_key not in memo:
             probe = torch.zeros(1, in_chans, *size, device=self.device_)
             resolved = self._resolve_layers(model, probe)
-            memo[memo_key] = (resolved, self._probe_dims(model, resolved, probe))
-        resolved, dims = memo[memo_key]
+            memo[memo_key] = (resolved, *self._probe_dims(model, resolved, probe))
+        resolved, dims, grids = memo[memo_key]
+        if self.mask_pooling and data.masks is not None and min(h * w for h, w in grids) == 1:
+            warnings.warn(
+                f"PretrainedCNNFeatures: with input_size={self.input_size!r} a requested feature "
+                "map is 1 x 1, so masked pooling cannot tell the lesion from its surroundings "
+                "there: the mask has no effect on those features. Use a larger input_size "
+                "(e.g. >= 64) or an earlier layer (layers=[...]).",
+                UserWarning,
+                stacklevel=2,
+            )
         # shared with other estimators until _skrtl_torch_module() takes a private copy
         self.model_ = model
         self._owns_model = False
@@ -390,12 +399,13 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
         self.n_features_out_ = len(names)
         return self
 
-    def _probe_dims(self, model, resolved, probe) -> list[int]:
-        got: dict[str, int] = {}
+    def _probe_dims(self, model, resolved, probe) -> tuple[list[int], list[tuple]]:
+        """Channels and spatial grid (h, w) of every requested feature map."""
+        got: dict[str, tuple] = {}
 
         def make(name):
             def hook(mod, args, out):
-                got[name] = int(out.shape[1])
+                got[name] = tuple(int(v) for v in out.shape[1:4])
 
             return hook
 
@@ -407,8 +417,8 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
                 f"backbone {self.backbone!r} does not produce a spatial feature map (got shape "
                 f"{tuple(final.shape)}); PretrainedCNNFeatures needs a CNN."
             )
-        got[""] = int(final.shape[1])
-        return [got[m] for _, m in resolved]
+        got[""] = tuple(int(v) for v in final.shape[1:4])
+        return [got[m][0] for _, m in resolved], [got[m][1:] for _, m in resolved]
 
     # ----------------------------------------------------------------------------------------
     # fast network copy

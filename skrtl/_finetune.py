@@ -39,8 +39,7 @@ from sklearn.base import ClassifierMixin, _fit_context
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.class_weight import compute_class_weight
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, column_or_1d
+from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from ._augment import AugmentCollate
@@ -54,7 +53,7 @@ from ._transfer import (
     create_transfer_model,
     prefix_stages,
 )
-from .utils import derive_seed, resolve_device, root_seed
+from .utils import check_class_labels, derive_seed, resolve_device, root_seed
 
 __all__ = ["FineTuneClassifier", "fit_member"]
 
@@ -455,8 +454,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         return layers, L, k, gamma
 
     def _check_y(self, y):
-        y = column_or_1d(y, warn=True)
-        check_classification_targets(y)
+        y = check_class_labels(y, estimator_name=type(self).__name__)
         classes, y_enc = np.unique(y, return_inverse=True)
         if classes.size < 2:
             raise ValueError(

@@ -10,6 +10,7 @@ from ._device import bf16_supported, can_fuse_on_cpu, resolve_device
 from ._hashing import fingerprint, hash_array
 from ._hooks import StopForward, call_order, capture_outputs, forward_hooks, stop_after
 from ._indexing import index_params
+from ._labels import check_class_labels
 from ._proba import PROBA_FLOOR, reweight_posteriors
 from ._random import derive_seed, root_seed
 
@@ -21,6 +22,7 @@ __all__ = [
     "call_order",
     "can_fuse_on_cpu",
     "capture_outputs",
+    "check_class_labels",
     "derive_seed",
     "fingerprint",
     "forward_hooks",
