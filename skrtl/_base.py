@@ -41,6 +41,7 @@ from torch import nn
 
 from ._imaging import ImageInput, read_image_frame
 from ._preprocess import INTENSITY_METHODS, ImagePreprocessor
+from .utils import missing_rows
 
 __all__ = [
     "DEFAULT_SITE_COLUMN",
@@ -339,9 +340,8 @@ def site_labels(X, *, site_column, sample_domain=None, name: str = "estimator"):
         source = f"column {site_column!r}"
     else:
         return None
-    missing = pd.isna(pd.Series(raw, dtype=object)).to_numpy()
-    if missing.any():
-        rows = np.flatnonzero(missing)
+    rows = missing_rows(raw)
+    if rows.size:
         raise ValueError(
             f"{name}: the site labels ({source}) are missing (NaN / None) for {rows.size} rows "
             f"(first rows {rows[:5].tolist()!r}); every row needs a site. Label them (e.g. "

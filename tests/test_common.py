@@ -134,6 +134,20 @@ _DA_PIPELINE_CHECKS = [c for c in _COMBAT_CHECKS if not c.startswith("check_tran
     "check_supervised_y_2d",
 ]
 
+
+def _finetune():
+    """A one-epoch, randomly initialised fine-tuning classifier (fast)."""
+    return FineTuneClassifier(
+        input_size=32,
+        max_epochs=1,
+        batch_size=8,
+        n_estimators=1,
+        pretrained=False,
+        validation_fraction=None,
+        random_state=0,
+    )
+
+
 ESTIMATORS: list = [
     # image estimators: their tags say they take image arrays, not sklearn's tabular test data,
     # so sklearn runs only its data-free checks on them (clone, params, repr, tags, unfitted);
@@ -145,15 +159,7 @@ ESTIMATORS: list = [
     HistogramMatcher(),
     IntensityWindow(),
     IntensityStandardizer(),
-    FineTuneClassifier(
-        input_size=32,
-        max_epochs=1,
-        batch_size=8,
-        n_estimators=1,
-        pretrained=False,
-        validation_fraction=None,
-        random_state=0,
-    ),
+    _finetune(),
     # feature-level harmonization and domain adaptation (skada)
     ComBatHarmonizer(),
     DomainAdapter("coral", target_sites="B"),
@@ -240,18 +246,6 @@ def _numeric(out):
             return np.stack([np.asarray(v, dtype=np.float64) for v in out["image"]])
         return out.to_numpy(dtype=np.float64)
     return np.asarray(out, dtype=np.float64)
-
-
-def _finetune():
-    return FineTuneClassifier(
-        input_size=32,
-        max_epochs=1,
-        batch_size=8,
-        n_estimators=1,
-        pretrained=False,
-        validation_fraction=None,
-        random_state=0,
-    )
 
 
 # (id, factory, method, fit uses y, fit params maker)

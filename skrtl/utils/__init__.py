@@ -10,7 +10,7 @@ from ._device import bf16_supported, can_fuse_on_cpu, resolve_device
 from ._hashing import fingerprint, hash_array
 from ._hooks import StopForward, call_order, capture_outputs, forward_hooks, stop_after
 from ._indexing import index_params
-from ._labels import check_class_labels
+from ._labels import check_class_labels, missing_rows
 from ._proba import PROBA_FLOOR, reweight_posteriors
 from ._random import derive_seed, root_seed
 
@@ -28,6 +28,7 @@ __all__ = [
     "forward_hooks",
     "hash_array",
     "index_params",
+    "missing_rows",
     "nbytes_of",
     "resolve_device",
     "reweight_posteriors",

@@ -7,7 +7,12 @@ import pandas as pd
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import column_or_1d
 
-__all__ = ["check_class_labels"]
+__all__ = ["check_class_labels", "missing_rows"]
+
+
+def missing_rows(values) -> np.ndarray:
+    """Indices of the missing (None / NaN / NaT) entries of a 1-D sequence."""
+    return np.flatnonzero(pd.isna(pd.Series(np.asarray(values, dtype=object), dtype=object)))
 
 
 def check_class_labels(y, *, name: str = "y", estimator_name: str = "estimator") -> np.ndarray:
@@ -19,9 +24,8 @@ def check_class_labels(y, *, name: str = "y", estimator_name: str = "estimator")
     arr = np.asarray(y, dtype=object) if not isinstance(y, np.ndarray) else y
     flat = arr.ravel() if arr.ndim > 1 and 1 in arr.shape else arr
     if flat.ndim == 1:
-        missing = pd.isna(pd.Series(flat, dtype=object)).to_numpy()
-        if missing.any():
-            rows = np.flatnonzero(missing)
+        rows = missing_rows(flat)
+        if rows.size:
             raise ValueError(
                 f"{estimator_name}: {name} has {rows.size} missing labels (None / NaN) at rows "
                 f"{rows[:5].tolist()!r}; every training sample needs a class label. Drop the "
