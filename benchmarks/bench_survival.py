@@ -34,8 +34,12 @@ Reported per model, mean and standard deviation over the 25 test folds: Harrell'
 Brier score at 2 years and the integrated Brier score over 3 months to 3 years (IPCW with the
 training censoring, computed by scikit-survival), and the paired difference in Harrell's C
 against ``clinical``. Kaplan-Meier curves of out-of-fold risk tertiles (cut points from the
-training-fold risks) go to ``results/survival_km.png``, a 2-year calibration plot to
-``results/survival_calibration.png``.
+training-fold risks) go to ``survival_km.png``, a 2-year calibration plot to
+``survival_calibration.png``, next to the result file.
+
+Results: ``results/survival.json`` (schema in ``_common.py``): rows of ``section`` "model"
+(metrics per model, per-fold Harrell C), "nested_cv_choice", "out_of_fold_first_repeat" and
+"total".
 
 Usage::
 
@@ -45,10 +49,7 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import sys
 import time
 import warnings
@@ -56,6 +57,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from _common import DATA_DIR, Benchmark, Stopwatch, bench_parser, flat_summary
 from sklearn.base import clone
 from sklearn.compose import ColumnTransformer
 from sklearn.exceptions import ConvergenceWarning
@@ -81,34 +83,6 @@ from skrtl import (
     survival_function_at,
     time_dependent_auc,
 )
-
-# ---------------------------------------------------------------------------- harness
-# The helpers below stand in for benchmarks/_common.py (data folder, machine description, one
-# JSON result layout); switch to it once it lands.
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-
-
-def data_dir() -> Path:
-    return Path(os.environ.get("SKRTL_DATA_DIR", HERE.parent / ".." / "shared" / "data"))
-
-
-def machine_info() -> dict:
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
-        "note": "shared CPU (other jobs running)",
-    }
-
-
-def write_result(name: str, payload: dict, *, quick: bool) -> Path:
-    path = RESULTS / "quick" / f"{name}.json" if quick else RESULTS / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    return path
-
 
 # ---------------------------------------------------------------------------- data
 FILE = "lung1_pyradiomics_gtv1_survival.csv.gz"
@@ -302,24 +276,48 @@ def plot_calibration(oof_surv: dict, y, path: Path) -> dict:
     return errors
 
 
+MODEL_METRICS = ["harrell", "uno", "auc_1_3y", "brier_2y", "ibs_3m_3y"]
+GOAL_HARRELL = 0.66  # issue 21: the best skrtl pipeline, by nested CV
+
+
+def summarise(rows) -> dict:
+    """The result's ``summary``: mean metrics per model, the goal, risk-group p, seconds."""
+    metrics = [f"{m}_mean" for m in MODEL_METRICS]
+    metrics += ["harrell_minus_clinical_mean", "folds_better_than_clinical"]
+    summary = flat_summary(rows, section="model", keys=["model"], metrics=metrics)
+    best = max(
+        (r["harrell_mean"] for r in rows if r.get("section") == "model" and r.get("skrtl_best")),
+        default=None,
+    )
+    if best is not None:
+        summary["best_skrtl_pipeline.harrell_mean"] = best
+        summary[f"best_skrtl_pipeline.harrell_ge_{GOAL_HARRELL}"] = bool(best >= GOAL_HARRELL)
+    oof = ["km_logrank_p_tertiles", "calibration_2y_mean_abs_error"]
+    summary.update(
+        flat_summary(rows, section="out_of_fold_first_repeat", keys=["model"], metrics=oof)
+    )
+    summary.update(flat_summary(rows, section="total", keys=["section"], metrics=["seconds"]))
+    return summary
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fast smoke run")
+    parser = bench_parser(__doc__)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", type=int, default=1)
     args = parser.parse_args(argv)
-    path = data_dir() / FILE
+    path = DATA_DIR / FILE
     if not path.is_file():
-        print(f"{FILE} not found under {data_dir()} (set SKRTL_DATA_DIR); nothing to do")
+        print(f"{FILE} not found under {DATA_DIR} (set SKRTL_DATA_DIR); nothing to do")
         return 0
     from tqdm.auto import tqdm
 
-    start = time.perf_counter()
+    bench = Benchmark("survival", issue=21, args=args)
+    total = Stopwatch()
     X, y, radiomic = load(path)
-    n_splits, n_repeats = (3, 2) if args.quick else (5, 5)
+    n_splits, n_repeats = (3, 2) if bench.quick else (5, 5)
     cv = RepeatedStratifiedKFold(n_splits=n_splits, n_repeats=n_repeats, random_state=args.seed)
     splits = list(cv.split(X, y["event"]))
-    models = make_models(radiomic, quick=args.quick, seed=args.seed)
+    models = make_models(radiomic, quick=bench.quick, seed=args.seed)
     names = [*models, "fusion-cox", "fusion-rsf", "null"]
     order = [
         "null", "clinical", "volume", "aerts4", "radiomics", "radiomics-nested",
@@ -359,33 +357,52 @@ def main(argv=None) -> int:
     bar.close()
 
     base = np.array([s["harrell"] for s in scores["clinical"]])
-    summary = {}
+    rows = []
     for name in order:
         table = pd.DataFrame(scores[name])
         diff = table["harrell"].to_numpy() - base
-        row = {}
-        for metric in table.columns:
+        row = {"section": "model", "model": name}
+        for metric in MODEL_METRICS:
             vals = table[metric].to_numpy(dtype=float)
             row[f"{metric}_mean"] = round(float(np.nanmean(vals)), 4)
             row[f"{metric}_std"] = round(float(np.nanstd(vals, ddof=1)), 4)
-            if np.isnan(vals).any():
-                row[f"{metric}_failed_folds"] = int(np.isnan(vals).sum())
+            row[f"{metric}_failed_folds"] = int(np.isnan(vals).sum())
         row["harrell_minus_clinical_mean"] = round(float(diff.mean()), 4)
         row["harrell_minus_clinical_std"] = round(float(diff.std(ddof=1)), 4)
         row["folds_better_than_clinical"] = int((diff > 0).sum())
         row["fit_seconds_total"] = round(seconds.get(name, 0.0), 1)
-        summary[name] = row
-    RESULTS.mkdir(exist_ok=True)
-    km_path = RESULTS / ("quick" if args.quick else ".") / "survival_km.png"
-    cal_path = km_path.with_name("survival_calibration.png")
+        row["skrtl_best"] = name in ("fusion-cox", "fusion-rsf", "ensemble")
+        row["per_fold_harrell"] = [round(float(v), 4) for v in table["harrell"]]
+        rows.append(row)
+    choice_counts = {
+        name: pd.Series([json.dumps(c, sort_keys=True) for c in cs]).value_counts().to_dict()
+        for name, cs in chosen.items()
+    }
+    rows += [
+        {"section": "nested_cv_choice", "model": name, "params": params, "n_folds": int(n)}
+        for name, counts in choice_counts.items()
+        for params, n in counts.items()
+    ]
+    km_path = bench.out.with_name("survival_km.png")
+    cal_path = bench.out.with_name("survival_calibration.png")
     km_path.parent.mkdir(parents=True, exist_ok=True)
     pvalues = plot_km(oof_pct, y, km_path)
     cal_err = plot_calibration(oof_surv, y, cal_path)
+    rows += [
+        {
+            "section": "out_of_fold_first_repeat",
+            "model": m,
+            "km_logrank_p_tertiles": float(f"{pvalues[m]:.3g}") if m in pvalues else None,
+            "calibration_2y_mean_abs_error": round(cal_err[m], 4) if m in cal_err else None,
+        }
+        for m in dict.fromkeys(km_models + cal_models)
+    ]
+    rows.append({"section": "total", "seconds": round(total.stop(), 1)})
 
     print(
         f"\nLung1 ({len(y)} patients, {int(y['event'].sum())} events, {len(radiomic)} radiomic "
         f"features): {n_repeats} x {n_splits}-fold stratified CV, same folds for every model, "
-        "hyper-parameters by inner 5-fold CV"
+        "hyper-parameters by inner CV"
     )
     header = (
         f"{'model':<17} {'Harrell C':>12} {'Uno C 2y':>12} {'tdAUC 1-3y':>12} "
@@ -393,38 +410,27 @@ def main(argv=None) -> int:
     )
     print(header)
     print("-" * len(header))
-    for name, s in summary.items():
-        cells = [
-            f"{s[f'{m}_mean']:>6.3f}±{s[f'{m}_std']:<5.3f}"
-            for m in ("harrell", "uno", "auc_1_3y", "brier_2y", "ibs_3m_3y")
-        ]
+    for s in (r for r in rows if r["section"] == "model"):
+        cells = [f"{s[f'{m}_mean']:>6.3f}±{s[f'{m}_std']:<5.3f}" for m in MODEL_METRICS]
         print(
-            f"{name:<17} {' '.join(cells)} {s['harrell_minus_clinical_mean']:>+7.3f} "
+            f"{s['model']:<17} {' '.join(cells)} {s['harrell_minus_clinical_mean']:>+7.3f} "
             f"{s['folds_better_than_clinical']:>3}/{len(splits):<2} {s['fit_seconds_total']:>6.0f}"
         )
     print(f"KM plot {km_path}: log-rank p (tertiles) {pvalues}")
     print(f"calibration plot {cal_path}: mean |predicted - observed| at 2 y {cal_err}")
-    choice_counts = {
-        name: pd.Series([json.dumps(c, sort_keys=True) for c in cs]).value_counts().to_dict()
-        for name, cs in chosen.items()
-    }
     for name, counts in choice_counts.items():
         print(f"nested-CV choices {name}: {counts}")
-    total = time.perf_counter() - start
-    print(f"total {total:.0f} s")
+    print(f"total {rows[-1]['seconds']:.0f} s")
 
-    out = {
-        "benchmark": "survival",
+    config = {
         "data": FILE,
-        "quick": args.quick,
         "seed": args.seed,
-        "seconds": round(total, 1),
-        "machine": machine_info(),
         "n_patients": int(len(y)),
         "n_events": int(y["event"].sum()),
         "n_radiomic_features": len(radiomic),
-        "cv": f"{n_repeats} x {n_splits}-fold, stratified by event, seed {args.seed}; "
-        "inner 5-fold (GridSearchCV, Harrell C) inside each outer training fold",
+        "cv": f"{n_repeats} x {n_splits}-fold, stratified by event, seed {args.seed}",
+        "nested": f"inner {3 if bench.quick else 5}-fold GridSearchCV (Harrell C) inside each "
+        "outer training fold",
         "clinical_columns": {
             "age": "age",
             "t_stage": "clinical.T.Stage",
@@ -432,26 +438,22 @@ def main(argv=None) -> int:
             "stage": "Overall.Stage (I=1, II=2, IIIa=3, IIIb=4)",
         },
         "aerts_features": AERTS,
-        "metrics": {
-            "uno_tau_days": TAU,
-            "auc_times_days": AUC_TIMES.tolist(),
-            "brier_time_days": BRIER_TIME,
-            "ibs_times_days": [float(IBS_TIMES[0]), float(IBS_TIMES[-1]), len(IBS_TIMES)],
-            "ipcw": "Kaplan-Meier of the outer training fold's censoring (scikit-survival)",
-        },
-        "summary": summary,
-        "nested_cv_choices": choice_counts,
-        "out_of_fold_first_repeat": {
-            "km_logrank_p_tertiles": {k: float(f"{v:.3g}") for k, v in pvalues.items()},
-            "km_plot": str(km_path.relative_to(HERE)),
-            "calibration_2y_mean_abs_error": {k: round(v, 4) for k, v in cal_err.items()},
-            "calibration_plot": str(cal_path.relative_to(HERE)),
-        },
-        "per_fold_harrell": {
-            k: [round(s["harrell"], 4) for s in v] for k, v in scores.items() if k in order
-        },
+        "uno_tau_days": TAU,
+        "auc_times_days": AUC_TIMES.tolist(),
+        "brier_time_days": BRIER_TIME,
+        "ibs_times_days": [float(IBS_TIMES[0]), float(IBS_TIMES[-1]), len(IBS_TIMES)],
+        "goal_harrell": GOAL_HARRELL,
     }
-    print(f"wrote {write_result('survival', out, quick=args.quick)}")
+    notes = [
+        "IPCW metrics (Uno C, time-dependent AUC, Brier) use the Kaplan-Meier censoring "
+        "distribution of the outer training fold (scikit-survival).",
+        "fusion-cox and fusion-rsf are the fitted members of the ensemble (same fits).",
+        "The pipeline families (clinical variables, Cox vs forest, ensemble, grids) were chosen "
+        "after exploratory fixed-parameter runs on the same folds; hyper-parameters by nested "
+        "CV only.",
+        f"Kaplan-Meier plot: {km_path.name}; calibration plot: {cal_path.name}.",
+    ]
+    bench.write(config=config, results=rows, summary=summarise(rows), notes=notes)
     return 0
 
 
