@@ -39,6 +39,7 @@ from skrtl._label_shift import LabelShiftAdapter
 from skrtl._radiomics import RadiomicsFeatures
 from skrtl._search import TransferSearchCV
 from skrtl._survival import CoxPHSurvival, SelectKBestSurvival
+from skrtl._survival_fusion import SurvivalEnsemble
 
 _CAL = (
     "X must hold one logit/probability column per class; sklearn's checks pass feature matrices "
@@ -96,6 +97,15 @@ _COX_CHECKS = _SURV_CHECKS + [
     "check_sample_weights_not_overwritten",
     "check_sample_weights_pandas_series",
     "check_sample_weights_shape",
+]
+# a meta-estimator reads y before its members validate X
+_ENSEMBLE_CHECKS = _SURV_CHECKS + [
+    "check_complex_data",
+    "check_estimator_sparse_array",
+    "check_estimator_sparse_matrix",
+    "check_estimator_sparse_tag",
+    "check_estimators_empty_data_messages",
+    "check_fit2d_1sample",
 ]
 _SEL_CHECKS = _SURV_CHECKS + [
     "check_transformer_data_not_an_array",
@@ -180,6 +190,7 @@ ESTIMATORS: list = [
     # survival
     CoxPHSurvival(penalizer=0.1),
     SelectKBestSurvival(k=2),
+    SurvivalEnsemble([("a", CoxPHSurvival(penalizer=0.1)), ("b", CoxPHSurvival(penalizer=1.0))]),
 ]
 
 # {estimator class name: {check name: reason}}
@@ -192,6 +203,7 @@ EXPECTED_FAILED_CHECKS: dict[str, dict[str, str]] = {
     "SiteDAPipeline": dict.fromkeys(_DA_PIPELINE_CHECKS, _DA),
     "CoxPHSurvival": dict.fromkeys(_COX_CHECKS, _SURV),
     "SelectKBestSurvival": dict.fromkeys(_SEL_CHECKS, _SURV),
+    "SurvivalEnsemble": dict.fromkeys(_ENSEMBLE_CHECKS, _SURV),
 }
 
 
