@@ -8,7 +8,8 @@ reads the CSV with :func:`skrtl.read_cohort` and runs
 recording its peak resident memory (``ru_maxrss``), its resident memory after ``fit`` (the
 backbone loaded, no case read yet) and the time of ``transform``. If cases are loaded one batch
 at a time, the peak does not grow with ``N``; holding the cohort in memory would take
-``N x 16 MiB`` (float32), which the result lists for comparison.
+``N x 16 MiB`` (float32), which the result lists for comparison. The bounded cache of decoded
+cases (:func:`skrtl.case_cache_info`, 256 MiB by default) is part of the measured peak.
 
 Usage::
 
@@ -82,7 +83,7 @@ def write_cohort(folder: Path, n: int, shape, seed: int = 0) -> Path:
 
 def worker(csv: str, n: int, input_size: int, batch_size: int) -> dict:
     """Run in a fresh process: features of the first ``n`` cases; memory and time."""
-    from skrtl import PretrainedCNNFeatures, read_cohort
+    from skrtl import PretrainedCNNFeatures, case_cache_info, read_cohort
 
     X = read_cohort(csv, id="id").iloc[:n]
     fe = PretrainedCNNFeatures(
@@ -104,6 +105,7 @@ def worker(csv: str, n: int, input_size: int, batch_size: int) -> dict:
         "peak_rss_mib": round(peak, 1),
         "transform_seconds": round(sec, 2),
         "seconds_per_case": round(sec / n, 4),
+        "case_cache": case_cache_info(),
     }
 
 

@@ -49,7 +49,7 @@ from ._harmonize import (
     IntensityWindow,
     SpacingResampler,
 )
-from ._imaging import make_image_frame, read_image_frame
+from ._imaging import case_cache_info, clear_case_cache, make_image_frame, read_image_frame
 from ._io import (
     ImageHeader,
     ImageReadError,
@@ -149,6 +149,8 @@ __all__ = [
     "backbone_data_config",
     "bbse_prior_estimate",
     "bn_layers",
+    "case_cache_info",
+    "clear_case_cache",
     "clear_feature_cache",
     "compare_geometry",
     "concordance_index",

@@ -64,6 +64,12 @@ class ExtractResult:
         failed.
     output, errors_path, store_path : Path
     settings_hash : str
+    interrupted : bool
+        The run was interrupted (Ctrl-C); finished cases are in the store.
+    seconds : float
+    notes : list of str
+        Warnings of the computed cases (e.g. a lesion cut by a fixed-size crop), with their
+        case, and of reading the table.
     """
 
     features: pd.DataFrame
@@ -223,9 +229,7 @@ def _cnn_features(image, mask, settings: dict) -> dict:
     crop = settings["crop"]
     if crop is not None and (mask is not None or crop.get("size_mm") is not None):
         cropper = LesionCropper(mode="2d" if (volume and mode == "2d") else "3d", **crop)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            frame = cropper.fit_transform(frame)
+        frame = cropper.fit_transform(frame)
     elif volume and mode == "2d":
         raise ValueError("mode='2d' on a volume needs a mask (its lesion slice) or --size-mm.")
     cnn = settings["cnn"]
@@ -296,7 +300,9 @@ def _run_case(row: dict, settings: dict, position: int, key: str) -> dict:
     """Process one case and report the outcome (never raises a case failure)."""
     t0 = time.perf_counter()
     try:
-        feats = process_case(row, settings)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            feats = process_case(row, settings)
     except Exception as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
         return {
@@ -308,11 +314,17 @@ def _run_case(row: dict, settings: dict, position: int, key: str) -> dict:
             "message": message,
             "seconds": time.perf_counter() - t0,
         }
+    seen = []
+    for w in caught:
+        msg = f"{w.category.__name__}: {str(w.message).splitlines()[0]}"
+        if msg not in seen and not issubclass(w.category, DeprecationWarning):
+            seen.append(msg)
     return {
         "position": position,
         "key": key,
         "status": "ok",
         "features": feats,
+        "warnings": seen,
         "seconds": time.perf_counter() - t0,
     }
 
@@ -621,6 +633,8 @@ def extract_cohort(
                 )
             for res in results:
                 store.put(settings_hash, by_key[res["key"]][1], res)
+                for msg in res.get("warnings", ()):
+                    notes.append(f"case {by_key[res['key']][1]!r}: {msg}")
                 computed += res["status"] == "ok"
                 failed_now += res["status"] != "ok"
                 if bar is not None:

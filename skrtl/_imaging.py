@@ -33,12 +33,14 @@ import pandas as pd
 
 from ._cohort import LOADER_ATTR, is_lazy_frame, iter_cases
 from ._io import read_header, select_label
-from .utils import LRUCache, is_missing_cell, is_path_cell
+from .utils import LRUCache, hash_array, is_missing_cell, is_path_cell
 
 __all__ = [
     "IMAGE_FRAME_COLUMNS",
     "MAX_CHANNELS",
     "ImageInput",
+    "case_cache_info",
+    "clear_case_cache",
     "first_case_layout",
     "make_image_frame",
     "read_image_frame",
@@ -300,55 +302,126 @@ def _header_layout_error(head, case: str, mode: str, name: str) -> str | None:
     return None
 
 
+def _cell_identity(cell):
+    """Identity of an image / mask cell: the file's, or a hash of an in-memory array."""
+    if is_path_cell(cell):
+        return _file_identity(cell)
+    if cell is None or is_missing_cell(cell):
+        return None
+    h = hashlib.blake2b(digest_size=20)
+    hash_array(h, np.asarray(cell))
+    return ("array", h.hexdigest())
+
+
 def _case_key(cols: dict, i: int, label, loader: dict) -> bytes:
     parts = [
-        _file_identity(cols["image"][i]) if is_path_cell(cols["image"][i]) else ("array", i),
-        _file_identity(_cell(cols, "mask", i)) if is_path_cell(_cell(cols, "mask", i)) else None,
+        _cell_identity(cols["image"][i]),
+        _cell_identity(_cell(cols, "mask", i)),
         repr(_cell(cols, "mask_label", i)),
         repr(label),
         _cell(cols, "series_uid", i),
+        repr(_cell(cols, "spacing", i)) if not is_path_cell(cols["image"][i]) else None,
         tuple(sorted(loader.items())),
     ]
     return hashlib.blake2b(repr(parts).encode(), digest_size=20).digest()
 
 
-class _CaseLoader:
-    """Loads the cases of a file frame on demand, keeping only the last one."""
+def _case_nbytes(value) -> int:
+    img, mask = value
+    return int(img.nbytes) + (int(mask.nbytes) if mask is not None else 0)
 
-    def __init__(self, frame: pd.DataFrame, *, mode, label, loader, estimator_name, names):
+
+#: decoded file cases (image, label-selected mask), bounded in bytes: repeated passes over a
+#: small cohort (cross-validation folds, several estimators) decode each file once, while a
+#: large cohort keeps a constant memory footprint
+_CASES = LRUCache(max_bytes=256 * 2**20, sizeof=_case_nbytes)
+
+
+def clear_case_cache() -> None:
+    """Empty the process-wide cache of decoded file cases (see :func:`case_cache_info`)."""
+    _CASES.clear()
+
+
+def case_cache_info(max_mb: float | None = None) -> dict:
+    """Statistics of the process-wide cache of decoded file cases, optionally resizing it.
+
+    Estimators read the cases of a file frame (:func:`skrtl.read_cohort`) one at a time; the
+    decoded image and mask of each case are kept in a least-recently-used cache bounded in
+    bytes (256 MiB by default), keyed by the files' identity (path, size, modification time),
+    the label and the reader settings. Repeated passes over a small cohort then decode each
+    file once; a cohort larger than the bound costs at most the bound in memory. ``max_mb=0``
+    turns the cache off.
+
+    Parameters
+    ----------
+    max_mb : float, optional
+        New bound in MiB.
+
+    Returns
+    -------
+    dict
+        ``entries``, ``bytes``, ``max_bytes``, ``hits`` and ``misses``.
+    """
+    if max_mb is not None:
+        if isinstance(max_mb, bool) or not isinstance(max_mb, int | float) or max_mb < 0:
+            raise ValueError(f"max_mb must be a non-negative number, got {max_mb!r}.")
+        _CASES.resize(max_bytes=int(max_mb * 2**20))
+    info = _CASES.info()
+    return {k: info[k] for k in ("entries", "bytes", "max_bytes", "hits", "misses")}
+
+
+class _CaseLoader:
+    """Loads the cases of a file frame on demand, keeping only the last one.
+
+    Decoded file cases also go to the bounded process-wide case cache (a hit returns copies,
+    so that nothing downstream can change the cached arrays).
+    """
+
+    def __init__(self, frame: pd.DataFrame, *, mode, label, loader, estimator_name, names, keys):
         self._frame = frame
         self._mode = mode
         self._label = label
         self._loader = loader
         self._name = estimator_name
         self._names = names
+        self._keys = keys
+        self._paths = [is_path_cell(c) for c in frame["image"].to_numpy()]
         self._lock = threading.Lock()
         self._last: tuple | None = None
 
     def __len__(self) -> int:
         return len(self._frame)
 
+    def _decode(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        key = self._keys[i] if self._paths[i] else None
+        if key is not None:
+            hit = _CASES.get(key)
+            if hit is not None:
+                img, mask = hit
+                return img.copy(), (None if mask is None else mask.copy())
+        case = next(
+            iter_cases(self._frame, rows=[i], label=self._label, mode=self._mode, **self._loader)
+        )
+        img, mask = case.image.array, case.mask
+        if key is not None:
+            max_bytes = _CASES.max_bytes
+            if max_bytes is None or _case_nbytes((img, mask)) <= max_bytes:
+                _CASES.put(key, (img.copy(), None if mask is None else mask.copy()))
+        return img, mask
+
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         with self._lock:
             if self._last is not None and self._last[0] == i:
                 return self._last[1], self._last[2]
             try:
-                case = next(
-                    iter_cases(
-                        self._frame,
-                        rows=[i],
-                        label=self._label,
-                        mode=self._mode,
-                        **self._loader,
-                    )
-                )
-                img = _check_image(case.image.array, i, self._mode, self._name)
+                img, mask = self._decode(i)
+                img = _check_image(img, i, self._mode, self._name)
                 img = img.astype(np.float32, copy=False)
             except Exception as exc:
                 exc.add_note(f"(while {self._name} loaded {self._names[i]}, row {i})")
                 raise
-            self._last = (i, img, case.mask)
-            return img, case.mask
+            self._last = (i, img, mask)
+            return img, mask
 
 
 class _LazyImages(Sequence):
@@ -444,7 +517,13 @@ def _read_file_frame(X: pd.DataFrame, *, mode, label, require_masks, estimator_n
     elif all(s is not None for s in spacings):
         spacing = _spacing_array(spacings)
     case_loader = _CaseLoader(
-        X, mode=mode, label=label, loader=loader, estimator_name=estimator_name, names=names
+        X,
+        mode=mode,
+        label=label,
+        loader=loader,
+        estimator_name=estimator_name,
+        names=names,
+        keys=keys,
     )
     return ImageInput(
         images=_LazyImages(case_loader),

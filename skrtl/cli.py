@@ -150,6 +150,10 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         )
         return res.exit_code
     if not args.quiet:
+        for note in res.notes[:20]:
+            print(f"note: {note}", file=sys.stderr)
+        if len(res.notes) > 20:
+            print(f"note: ... and {len(res.notes) - 20} more warnings", file=sys.stderr)
         print(
             f"{res.n_cases} cases: {res.n_computed} computed, {res.n_reused} taken from "
             f"{res.store_path.name}, {res.n_failed} failed. Features: {res.output}"

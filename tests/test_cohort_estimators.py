@@ -22,6 +22,8 @@ from skrtl import (
     PretrainedCNNFeatures,
     RadiomicsFeatures,
     SpacingResampler,
+    case_cache_info,
+    clear_case_cache,
     clear_feature_cache,
     lesion_slice,
     make_image_frame,
@@ -46,6 +48,7 @@ def count_reads(monkeypatch):
     """Number of image files read through the cohort loader."""
     calls = []
     real = cohort_module.read_image
+    clear_case_cache()
 
     def counting(path, **kwargs):
         calls.append(str(path))
@@ -85,6 +88,24 @@ def test_cnn_features_from_files_equal_memory_and_load_each_case_once(cohort, co
     assert not count_reads  # cache hits are keyed by file identity: nothing loaded
     F3 = PretrainedCNNFeatures(**{**CNN, "mode": "3d"}, cache=False).fit(X).transform(X)
     assert np.isfinite(F3).all() and not np.allclose(F3, F)
+    assert not count_reads  # decoded cases are kept in the bounded case cache
+    assert case_cache_info()["entries"] == len(X)
+
+
+def test_case_cache_is_bounded_and_follows_the_files(cohort, count_reads, tmp_path):
+    X, _, _ = cohort
+    fe = PretrainedCNNFeatures(**CNN, cache=False).fit(X)
+    F = fe.transform(X)
+    assert len(count_reads) == len(X)
+    try:
+        case_cache_info(max_mb=0)  # off: every pass decodes the files again
+        count_reads.clear()
+        np.testing.assert_array_equal(fe.transform(X), F)
+        assert len(count_reads) == len(X) and case_cache_info()["entries"] == 0
+    finally:
+        case_cache_info(max_mb=256)
+    with pytest.raises(ValueError, match="max_mb"):
+        case_cache_info(max_mb=-1)
 
 
 def test_header_errors_come_before_any_pixel(cohort, count_reads):

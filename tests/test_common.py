@@ -19,6 +19,7 @@ from skrtl._calibration import (
     VectorScaling,
 )
 from skrtl._combat import ComBatHarmonizer
+from skrtl._cropper import LesionCropper
 from skrtl._domain_adaptation import DomainAdapter, make_site_da_pipeline
 from skrtl._features import PretrainedCNNFeatures
 from skrtl._finetune import FineTuneClassifier
@@ -138,6 +139,7 @@ ESTIMATORS: list = [
     HistogramMatcher(),
     IntensityWindow(),
     IntensityStandardizer(),
+    LesionCropper(),
     FineTuneClassifier(
         input_size=32,
         max_epochs=1,

@@ -149,6 +149,12 @@ def test_options_reach_the_extractors(tmp_path, good_cohort, params_file):
     cols = pd.read_csv(out).columns
     assert any(c.startswith("cnn_l3_avg_") for c in cols)
     assert any(c.startswith("cnn_l9_max_") for c in cols)
+    # warnings of a case (a lesion cut by a fixed field of view) come back with the case
+    res = extract_cohort(good_cohort, tmp_path / "g.csv", id_column="patient", size_mm=6,
+                         target_spacing=0.5, input_size=32, verbose=0)  # fmt: skip
+    assert any(
+        n.startswith("case 'P00': UserWarning") and "extends beyond" in n for n in res.notes
+    )
 
 
 def test_usage_errors_exit_2(tmp_path, good_cohort, capsys):
