@@ -300,3 +300,22 @@ def test_cohort_pipeline_cross_validates(cohort):
         warnings.simplefilter("ignore")
         res = cross_validate(pipe, X, y, cv=cv.split(X, strata), error_score="raise")
     assert res["test_score"].shape == (2,) and np.isfinite(res["test_score"]).all()
+
+
+def test_reader_settings_of_read_cohort_reach_the_estimators(tmp_path):
+    from _cohort_fixtures import write_nifti
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(2):
+        vol, mask = lesion_volume(rng)
+        write_nifti(tmp_path / f"img{i}.nii.gz", vol)
+        coarse = mask[:, ::2, ::2]  # the mask drawn on a coarser in-plane grid
+        write_nifti(tmp_path / f"seg{i}.nii.gz", coarse, spacing=(2.0, 1.6, 1.4))
+        rows.append({"image": f"img{i}.nii.gz", "mask": f"seg{i}.nii.gz"})
+    pd.DataFrame(rows).to_csv(tmp_path / "c.csv", index=False)
+    with pytest.raises(ValueError, match="does not match image"):
+        read_cohort(tmp_path / "c.csv")
+    X = read_cohort(tmp_path / "c.csv", resample_mask=True)
+    crops = LesionCropper(margin_mm=2).fit_transform(X.iloc[[1, 0]])  # attrs survive indexing
+    assert all(m.any() for m in crops["mask"])
