@@ -30,6 +30,7 @@ from ._cohort import (
     read_cohort,
 )
 from ._combat import ComBatHarmonizer, ComBatWarning
+from ._cropper import LesionCropper
 from ._da_scoring import DA_SCORERS, SiteDAScorer, make_site_da_scorer
 from ._diagnostics import MMDResult, ShiftDiagnosis, diagnose_shift, mmd_test, proxy_a_distance
 from ._domain_adaptation import (
@@ -38,6 +39,7 @@ from ._domain_adaptation import (
     SiteDAPipeline,
     make_site_da_pipeline,
 )
+from ._extract import ExtractResult, extract_cohort, read_radiomics_params
 from ._features import PretrainedCNNFeatures, clear_feature_cache, feature_cache_info
 from ._finetune import FineTuneClassifier
 from ._harmonize import (
@@ -47,7 +49,7 @@ from ._harmonize import (
     IntensityWindow,
     SpacingResampler,
 )
-from ._imaging import make_image_frame, read_image_frame
+from ._imaging import case_cache_info, clear_case_cache, make_image_frame, read_image_frame
 from ._io import (
     ImageHeader,
     ImageReadError,
@@ -126,6 +128,7 @@ __all__ = [
     "ComBatWarning",
     "CoxPHSurvival",
     "DomainAdapter",
+    "ExtractResult",
     "FineTuneClassifier",
     "HarmonizationWarning",
     "HistogramMatcher",
@@ -137,6 +140,7 @@ __all__ = [
     "LabelShiftAdapter",
     "LabelShiftWarning",
     "LesionCrop",
+    "LesionCropper",
     "MMDResult",
     "MaskGeometryError",
     "MedicalImage",
@@ -163,6 +167,8 @@ __all__ = [
     "bbse_prior_estimate",
     "bn_layers",
     "brier_score",
+    "case_cache_info",
+    "clear_case_cache",
     "clear_feature_cache",
     "compare_geometry",
     "concordance_index",
@@ -173,6 +179,7 @@ __all__ = [
     "describe_layers",
     "diagnose_shift",
     "em_prior_estimate",
+    "extract_cohort",
     "feature_cache_info",
     "get_transfer_layers",
     "integrated_brier_score",
@@ -203,6 +210,7 @@ __all__ = [
     "read_image",
     "read_image_frame",
     "read_mask",
+    "read_radiomics_params",
     "reestimate_bn_stats",
     "select_label",
     "suggest_strategy",

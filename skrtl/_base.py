@@ -37,6 +37,7 @@ import torch
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_array
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._set_output import _get_output_config
 from torch import nn
 
 from ._imaging import ImageInput, read_image_frame
@@ -45,6 +46,7 @@ from .utils import missing_rows
 
 __all__ = [
     "DEFAULT_SITE_COLUMN",
+    "PassthroughMixin",
     "MIN_IMAGE_SIDE",
     "UNSEEN_OPTIONS",
     "BaseTorchImageEstimator",
@@ -218,13 +220,18 @@ class BaseTorchImageEstimator(TorchNetworkMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ input
     def _read(self, X) -> ImageInput:
-        """Validated image input; images smaller than :data:`MIN_IMAGE_SIDE` are refused."""
+        """Validated image input; images smaller than :data:`MIN_IMAGE_SIDE` are refused.
+
+        A file frame (:func:`skrtl.read_cohort`) is read lazily: the checks here use the file
+        headers, and each case is loaded when the preprocessing reaches it.
+        """
         data = read_image_frame(X, mode=self.mode, estimator_name=type(self).__name__)
-        for i, img in enumerate(data.images):
-            spatial = img.shape[:2] if self.mode == "2d" else img.shape[1:]
+        for i in range(len(data)):
+            shape = data.shape(i)
+            spatial = shape[:2] if self.mode == "2d" else shape[1:]
             if min(spatial) < MIN_IMAGE_SIDE:
                 raise ValueError(
-                    f"image {i} has spatial shape {tuple(img.shape)!r}: sides below "
+                    f"{data.case_name(i)} has spatial shape {tuple(shape)!r}: sides below "
                     f"{MIN_IMAGE_SIDE} px cannot be resized meaningfully to "
                     f"input_size={self.input_size!r}. Crop larger regions or drop the sample."
                 )
@@ -238,10 +245,10 @@ class BaseTorchImageEstimator(TorchNetworkMixin, BaseEstimator):
             return self.n_slices * (len(windows) if windows else 1)
         if windows:
             return len(windows)
-        chans = {
-            int(img.shape[2]) if (self.mode == "2d" and img.ndim == 3) else 1
-            for img in data.images
-        }
+        chans = set()
+        for i in range(len(data)):
+            shape = data.shape(i)
+            chans.add(int(shape[2]) if (self.mode == "2d" and len(shape) == 3) else 1)
         if len(chans) != 1:
             raise ValueError(
                 f"{type(self).__name__}: the images have different numbers of channels "
@@ -278,6 +285,87 @@ class BaseTorchImageEstimator(TorchNetworkMixin, BaseEstimator):
                 f"{self.backbone!r} accepts (its total stride); use input_size >= {min_size} "
                 "(224 is the pretraining size)."
             )
+
+
+# --------------------------------------------------------------------------------------------
+# frame columns passed through feature extractors
+# --------------------------------------------------------------------------------------------
+class PassthroughMixin:
+    """``passthrough``: frame columns (site, clinical covariates) appended to the features.
+
+    A feature extractor of images (CNN or radiomics features) reads an image frame and
+    returns a feature matrix; the frame's other columns would be lost. With
+    ``passthrough=["site", "age"]`` they are appended, unchanged, after the features, so that
+    the next Pipeline step sees them: :class:`~skrtl.ComBatHarmonizer` reads its ``site``
+    column, clinical covariates reach the model. Non-numeric columns need a DataFrame
+    output (``set_output(transform="pandas")``); a numeric array cannot hold them.
+
+    The estimator defines ``passthrough`` and calls :meth:`_fit_passthrough` in ``fit`` and
+    :meth:`_with_passthrough` at the end of ``transform``.
+    """
+
+    def _passthrough_columns(self) -> list[str]:
+        cols = self.passthrough
+        if cols is None:
+            return []
+        if isinstance(cols, str):
+            cols = [cols]
+        cols = list(cols)
+        if not all(isinstance(c, str) for c in cols):
+            raise ValueError(
+                f"passthrough must be None, a column name or a list of column names, got "
+                f"{self.passthrough!r}."
+            )
+        if len(set(cols)) != len(cols):
+            raise ValueError(f"passthrough has duplicate columns: {self.passthrough!r}.")
+        return cols
+
+    def _check_passthrough_input(self, X, cols: list[str]) -> None:
+        name = type(self).__name__
+        if not isinstance(X, pd.DataFrame):
+            raise ValueError(
+                f"{name}(passthrough={self.passthrough!r}) needs an image frame (DataFrame) "
+                f"that holds those columns, got {type(X).__name__}."
+            )
+        missing = [c for c in cols if c not in X.columns]
+        if missing:
+            raise ValueError(
+                f"{name}: passthrough columns {missing!r} are not in the image frame (columns: "
+                f"{list(X.columns)!r})."
+            )
+        if _get_output_config("transform", self)["dense"] != "pandas":
+            bad = [c for c in cols if not _is_numeric(X[c])]
+            if bad:
+                raise ValueError(
+                    f"{name}: passthrough column(s) {bad!r} are not numeric (dtype "
+                    f"{X[bad[0]].dtype}), so a numeric feature array cannot hold them. Call "
+                    f"set_output(transform='pandas') on {name} or on the whole Pipeline to get "
+                    "a DataFrame, or pass only numeric columns."
+                )
+
+    def _fit_passthrough(self, X) -> None:
+        cols = self._passthrough_columns()
+        if cols:
+            self._check_passthrough_input(X, cols)
+        self.passthrough_ = cols
+
+    def _with_passthrough(self, F: np.ndarray, X, feature_names):
+        """The features ``F``, followed by the passthrough columns of ``X``."""
+        cols = getattr(self, "passthrough_", [])
+        if not cols:
+            return F
+        self._check_passthrough_input(X, cols)
+        if _get_output_config("transform", self)["dense"] == "pandas":
+            out = pd.DataFrame(F, columns=list(feature_names), index=X.index)
+            for c in cols:
+                out[c] = X[c].to_numpy()
+            return out
+        extra = X[cols].to_numpy(dtype=np.float64)
+        return np.hstack([F.astype(np.float64), extra])
+
+
+def _is_numeric(col: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_complex_dtype(col)
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from ._backbone import (
     get_transfer_layers,
     pretrained_backbone,
 )
-from ._base import BaseTorchImageEstimator, ImageEstimatorMixin
+from ._base import BaseTorchImageEstimator, ImageEstimatorMixin, PassthroughMixin
 from ._imaging import ImageInput
 from ._inference import InferenceRunner, forward_features
 from .utils import (
@@ -91,7 +91,9 @@ def feature_cache_info(max_mb: float | None = None) -> dict:
     return {k: info[k] for k in _CACHE_INFO_KEYS}
 
 
-class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImageEstimator):
+class PretrainedCNNFeatures(
+    ImageEstimatorMixin, PassthroughMixin, TransformerMixin, BaseTorchImageEstimator
+):
     """Features of a frozen pretrained CNN, for linear probing in scikit-learn pipelines.
 
     Parameters
@@ -163,6 +165,11 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
         Look features up in (and store them into) the process-wide LRU cache, keyed by a hash
         of the image (and mask) content, every parameter that changes the features and the
         exact network state. See :func:`feature_cache_info` / :func:`clear_feature_cache`.
+    passthrough : str, list of str or None, default=None
+        Columns of the image frame appended, unchanged, after the features (e.g.
+        ``["site", "age"]``), so that the next Pipeline step sees them: ComBat reads the site
+        column, clinical covariates reach the model. Non-numeric columns need
+        ``set_output(transform="pandas")`` (a DataFrame output; a clear error otherwise).
     verbose : int, default=0
         ``> 0`` shows a progress bar during extraction.
 
@@ -182,7 +189,10 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
         normalisation), shared with every torch estimator.
     layers_ : list of str
         Resolved layer tags (``"l9"``, ...) in output order.
+    passthrough_ : list of str
+        The passthrough columns (empty without ``passthrough``).
     n_features_out_ : int
+        Number of output columns (CNN features, then the passthrough columns).
 
     Notes
     -----
@@ -192,6 +202,12 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
     state are serialised by a lock; the feature cache is thread-safe).
     Masks, spacing and site labels travel in the image frame (:func:`skrtl.make_image_frame`),
     which survives :class:`~sklearn.pipeline.Pipeline`, cross-validation and grid search.
+
+    A file frame (:func:`skrtl.read_cohort`) is accepted as it is: ``fit`` reads only the file
+    headers, ``transform`` loads one case at a time while it fills a batch, so peak memory does
+    not grow with the cohort. Cached features of file cases are keyed by the files' identity
+    (path, size, modification time, label, reader settings), not by their pixels, so a cache
+    hit loads nothing.
     """
 
     _parameter_constraints: dict = {
@@ -205,6 +221,7 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
         "precision": [StrOptions({"auto", "mixed", "bf16", "fp32"})],
         "compile": ["boolean"],
         "cache": ["boolean"],
+        "passthrough": [str, list, tuple, None],
     }
 
     def __init__(
@@ -230,6 +247,7 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
         precision="auto",
         compile=False,
         cache=True,
+        passthrough=None,
         verbose=0,
     ):
         self.backbone = backbone
@@ -252,6 +270,7 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
         self.precision = precision
         self.compile = compile
         self.cache = cache
+        self.passthrough = passthrough
         self.verbose = verbose
 
     # ----------------------------------------------------------------------------------------
@@ -351,6 +370,7 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
         """
         size, windows = self._check_image_params()
         data = self._read(X)
+        self._fit_passthrough(X)
         in_chans = self._network_in_chans(self._intensity_channels(windows, data))
         self.device_ = resolve_device(self.device)
         self.precision_ = self._resolve_precision()
@@ -395,8 +415,9 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
         for tag, dim in zip(self.layers_, dims):
             for pool in pools:
                 names.extend(f"cnn_{tag}_{pool}_{k:04d}" for k in range(dim))
-        self._feature_names = np.asarray(names, dtype=object)
-        self.n_features_out_ = len(names)
+        self._cnn_names = np.asarray(names, dtype=object)
+        self._feature_names = np.asarray(names + self.passthrough_, dtype=object)
+        self.n_features_out_ = len(self._feature_names)
         return self
 
     def _probe_dims(self, model, resolved, probe) -> tuple[list[int], list[tuple]]:
@@ -515,6 +536,8 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
         return hashlib.blake2b(repr(cfg).encode(), digest_size=16).digest()
 
     def _sample_keys(self, data: ImageInput, base: bytes) -> list[bytes]:
+        if data.keys is not None:  # file cases: their identity, no pixels loaded
+            return [hashlib.blake2b(base + k, digest_size=20).digest() for k in data.keys]
         keys = []
         for i, img in enumerate(data.images):
             h = hashlib.blake2b(base, digest_size=20)
@@ -541,11 +564,13 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
         Returns
         -------
         ndarray of shape (n_samples, n_features_out_), float32
+            The features (float64 when numeric passthrough columns follow them; a DataFrame
+            with ``set_output(transform="pandas")``).
         """
         check_is_fitted(self, "model_")
         data = self._read(X)
         n = len(data)
-        out = np.zeros((n, self.n_features_out_), dtype=np.float32)
+        out = np.zeros((n, len(self._cnn_names)), dtype=np.float32)
         todo = list(range(n))
         keys = None
         if self.cache:
@@ -562,7 +587,7 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
             if keys is not None:
                 for i in todo:
                     _FEATURE_CACHE.put(keys[i], out[i].copy())
-        return out
+        return self._with_passthrough(out, X, self._cnn_names)
 
     def _extract(self, data: ImageInput, rows: list[int], out: np.ndarray) -> None:
         fast = self._get_fast()

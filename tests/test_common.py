@@ -26,6 +26,7 @@ from skrtl._calibration import (
     VectorScaling,
 )
 from skrtl._combat import ComBatHarmonizer
+from skrtl._cropper import LesionCropper
 from skrtl._domain_adaptation import DomainAdapter, make_site_da_pipeline
 from skrtl._features import PretrainedCNNFeatures
 from skrtl._finetune import FineTuneClassifier
@@ -170,6 +171,7 @@ ESTIMATORS: list = [
     IntensityWindow(),
     IntensityStandardizer(),
     _finetune(),
+    LesionCropper(),
     # feature-level harmonization and domain adaptation (skada)
     ComBatHarmonizer(),
     DomainAdapter("coral", target_sites="B"),

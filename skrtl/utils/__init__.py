@@ -6,7 +6,9 @@ documented API of the package.
 """
 
 from ._cache import LRUCache, nbytes_of
+from ._cells import is_missing_cell, is_path_cell
 from ._device import bf16_supported, can_fuse_on_cpu, resolve_device
+from ._files import check_writable_dir
 from ._hashing import fingerprint, hash_array
 from ._hooks import StopForward, call_order, capture_outputs, forward_hooks, stop_after
 from ._indexing import index_params
@@ -23,12 +25,15 @@ __all__ = [
     "can_fuse_on_cpu",
     "capture_outputs",
     "check_class_labels",
+    "check_writable_dir",
     "derive_seed",
     "fingerprint",
     "forward_hooks",
     "hash_array",
     "index_params",
     "missing_rows",
+    "is_missing_cell",
+    "is_path_cell",
     "nbytes_of",
     "resolve_device",
     "reweight_posteriors",
