@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import re
 import warnings
 from numbers import Integral, Real
@@ -47,6 +48,7 @@ from .utils import (
     fingerprint,
     forward_hooks,
     hash_array,
+    open_disk_cache,
     resolve_device,
 )
 
@@ -163,8 +165,21 @@ class PretrainedCNNFeatures(
         activations), so it is off by default. Only used for ``layers="final"``.
     cache : bool, default=True
         Look features up in (and store them into) the process-wide LRU cache, keyed by a hash
-        of the image (and mask) content, every parameter that changes the features and the
-        exact network state. See :func:`feature_cache_info` / :func:`clear_feature_cache`.
+        of the image (and mask) content (the file identity for cohort files), every parameter
+        that changes the features and the exact network state. See :func:`feature_cache_info`
+        / :func:`clear_feature_cache`.
+    cache_dir : str, path or None, default=None
+        A folder for a persistent feature cache with the same keys, shared by processes and
+        runs (safe with concurrent writers; values stored as raw bytes, never pickled): a
+        second process or a later run over the same cohort reads the features instead of
+        computing them.
+    cache_size_mb : float, default=2048
+        Size bound of the ``cache_dir`` cache (least recently used entries are evicted).
+    n_jobs : int or None, default=None
+        Extract in parallel with joblib (``None`` = 1, ``-1`` = all cores): the rows are cut
+        into chunks of whole batches, each transformed by a worker. Under
+        ``joblib.parallel_config(backend="dask")`` the chunks run on a Dask cluster. The
+        result equals the serial one.
     passthrough : str, list of str or None, default=None
         Columns of the image frame appended, unchanged, after the features (e.g.
         ``["site", "age"]``), so that the next Pipeline step sees them: ComBat reads the site
@@ -221,6 +236,9 @@ class PretrainedCNNFeatures(
         "precision": [StrOptions({"auto", "mixed", "bf16", "fp32"})],
         "compile": ["boolean"],
         "cache": ["boolean"],
+        "cache_dir": [str, os.PathLike, None],
+        "cache_size_mb": [Interval(Real, 0, None, closed="neither")],
+        "n_jobs": [Integral, None],
         "passthrough": [str, list, tuple, None],
     }
 
@@ -247,6 +265,9 @@ class PretrainedCNNFeatures(
         precision="auto",
         compile=False,
         cache=True,
+        cache_dir=None,
+        cache_size_mb=2048,
+        n_jobs=None,
         passthrough=None,
         verbose=0,
     ):
@@ -270,6 +291,9 @@ class PretrainedCNNFeatures(
         self.precision = precision
         self.compile = compile
         self.cache = cache
+        self.cache_dir = cache_dir
+        self.cache_size_mb = cache_size_mb
+        self.n_jobs = n_jobs
         self.passthrough = passthrough
         self.verbose = verbose
 
@@ -570,24 +594,62 @@ class PretrainedCNNFeatures(
         check_is_fitted(self, "model_")
         data = self._read(X)
         n = len(data)
-        out = np.zeros((n, len(self._cnn_names)), dtype=np.float32)
+        width = len(self._cnn_names)
+        out = np.zeros((n, width), dtype=np.float32)
         todo = list(range(n))
         keys = None
-        if self.cache:
+        disk = (
+            None
+            if self.cache_dir is None
+            else open_disk_cache(self.cache_dir, max_mb=self.cache_size_mb)
+        )
+        if self.cache or disk is not None:
             keys = self._sample_keys(data, self._config_key())
             todo = []
             for i, key in enumerate(keys):
-                hit = _FEATURE_CACHE.get(key)
+                hit = _FEATURE_CACHE.get(key) if self.cache else None
+                if hit is None and disk is not None:
+                    hit = disk.get_array(key, dtype=np.float32, size=width)
+                    if hit is not None and self.cache:
+                        _FEATURE_CACHE.put(key, hit)
                 if hit is None:
                     todo.append(i)
                 else:
                     out[i] = hit
         if todo:
-            self._extract(data, todo, out)
+            if self.n_jobs in (None, 1) or len(todo) <= self.batch_size:
+                self._extract(data, todo, out)
+            else:
+                self._extract_parallel(X, todo, out)
             if keys is not None:
                 for i in todo:
-                    _FEATURE_CACHE.put(keys[i], out[i].copy())
+                    if self.cache:
+                        _FEATURE_CACHE.put(keys[i], out[i].copy())
+                    if disk is not None:
+                        disk.put_array(keys[i], out[i])
         return self._with_passthrough(out, X, self._cnn_names)
+
+    def _extract_parallel(self, X, rows: list[int], out: np.ndarray) -> None:
+        """Features of ``rows`` computed by joblib workers, a chunk of whole batches each.
+
+        Each worker gets a copy of this transformer (without the caches) and the rows of ``X``
+        (file cases are read by the worker), so ``joblib.parallel_config(backend="dask")``
+        spreads the cases over a Dask cluster.
+        """
+        from joblib import Parallel, delayed, effective_n_jobs
+
+        n_chunks = max(1, min(len(rows) // self.batch_size, 4 * effective_n_jobs(self.n_jobs)))
+        per = -(-len(rows) // n_chunks)
+        per = -(-per // self.batch_size) * self.batch_size  # whole batches: the same micro-batches
+        chunks = [rows[i : i + per] for i in range(0, len(rows), per)]
+        worker = copy.copy(self)
+        worker.cache, worker.cache_dir, worker.n_jobs, worker.verbose = False, None, None, 0
+        worker._fast = None
+        results = Parallel(n_jobs=self.n_jobs)(
+            delayed(_worker_features)(worker, _take_rows(X, chunk)) for chunk in chunks
+        )
+        for chunk, feats in zip(chunks, results):
+            out[chunk] = feats
 
     def _extract(self, data: ImageInput, rows: list[int], out: np.ndarray) -> None:
         fast = self._get_fast()
@@ -687,3 +749,22 @@ class PretrainedCNNFeatures(
         tags = super().__sklearn_tags__()
         tags.non_deterministic = False
         return tags
+
+
+def _take_rows(X, rows):
+    """Rows ``rows`` of an image array, list or frame."""
+    import pandas as pd
+
+    if isinstance(X, pd.DataFrame):
+        return X.iloc[list(rows)]
+    if isinstance(X, list | tuple):
+        return [X[i] for i in rows]
+    return np.asarray(X)[list(rows)]
+
+
+def _worker_features(est: PretrainedCNNFeatures, X) -> np.ndarray:
+    """CNN features of ``X`` (a joblib job of :meth:`PretrainedCNNFeatures._extract_parallel`)."""
+    data = est._read(X)
+    out = np.zeros((len(data), len(est._cnn_names)), dtype=np.float32)
+    est._extract(data, list(range(len(data))), out)
+    return out
