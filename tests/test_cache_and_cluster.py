@@ -144,7 +144,10 @@ def test_joblib_parallel_equals_serial():
     # loky: worker processes, so the estimator and the rows are pickled to them
     with joblib.parallel_config(backend="loky"):
         par = PretrainedCNNFeatures(cache=False, n_jobs=2, **FAST).fit(frame).transform(frame)
-    np.testing.assert_array_equal(par, serial)
+    # a worker process runs torch with its own thread count, which changes the order of
+    # the float sums inside a convolution: equal up to rounding, not bit for bit
+    np.testing.assert_allclose(par, serial, rtol=1e-4, atol=1e-4)
+    assert par.shape == serial.shape and not np.array_equal(par, np.zeros_like(par))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("distributed") is None, reason="no dask.distributed")
@@ -169,10 +172,12 @@ def test_a_local_dask_cluster_of_two_workers_gives_the_serial_results(tmp_path):
         par = fe.set_params(n_jobs=2).transform(frame)
         rad_par = rad.set_params(n_jobs=2).transform(cohort)
         ex_par = extract_cohort(csv, tmp_path / "par.csv", n_jobs=2, **ex)
-    np.testing.assert_array_equal(par, fe.set_params(n_jobs=None).transform(frame))
+    np.testing.assert_allclose(
+        par, fe.set_params(n_jobs=None).transform(frame), rtol=1e-4, atol=1e-4
+    )
     np.testing.assert_array_equal(rad_par, rad.set_params(n_jobs=None).transform(cohort))
     ex_serial = extract_cohort(csv, tmp_path / "serial.csv", **ex)
     cols = [c for c in ex_serial.features.columns if c.startswith("cnn_")]
-    np.testing.assert_array_equal(
-        ex_par.features[cols].to_numpy(), ex_serial.features[cols].to_numpy()
+    np.testing.assert_allclose(
+        ex_par.features[cols].to_numpy(), ex_serial.features[cols].to_numpy(), rtol=1e-4, atol=1e-4
     )
