@@ -88,11 +88,17 @@ from ._survival import (
     CoxPHSurvival,
     SelectKBestSurvival,
     as_survival_target,
+    breslow_cumulative_hazard,
     concordance_index,
     cox_score_test,
     kaplan_meier,
     make_survival_target,
     survival_target_to_frame,
+)
+from ._survival_finetune import (
+    CoxPartialLikelihoodLoss,
+    FineTuneSurvival,
+    cox_partial_likelihood_loss,
 )
 from ._survival_fusion import SurvivalEnsemble, make_survival_fusion
 from ._survival_metrics import (
@@ -127,9 +133,11 @@ __all__ = [
     "ComBatHarmonizer",
     "ComBatWarning",
     "CoxPHSurvival",
+    "CoxPartialLikelihoodLoss",
     "DomainAdapter",
     "ExtractResult",
     "FineTuneClassifier",
+    "FineTuneSurvival",
     "HarmonizationWarning",
     "HistogramMatcher",
     "ImageHeader",
@@ -163,6 +171,7 @@ __all__ = [
     "adjacent_slices",
     "adjust_posteriors",
     "as_survival_target",
+    "breslow_cumulative_hazard",
     "backbone_data_config",
     "bbse_prior_estimate",
     "bn_layers",
@@ -173,6 +182,7 @@ __all__ = [
     "compare_geometry",
     "concordance_index",
     "concordance_scorer",
+    "cox_partial_likelihood_loss",
     "cox_score_test",
     "crop_lesion",
     "datasets",
