@@ -81,6 +81,7 @@ from ._lesion import (
 )
 from ._pruning import CVMedianPruner
 from ._radiomics import RADIOMICS_FEATURE_CLASSES, RadiomicsFeatures, otsu_mask
+from ._redundancy import CorrelationClusterSelector
 from ._search import TransferSearchCV
 from ._search_display import TransferSearchDisplay
 from ._search_space import transfer_search_space
@@ -132,6 +133,7 @@ __all__ = [
     "CohortError",
     "ComBatHarmonizer",
     "ComBatWarning",
+    "CorrelationClusterSelector",
     "CoxPHSurvival",
     "CoxPartialLikelihoodLoss",
     "DomainAdapter",

@@ -38,6 +38,7 @@ from skrtl._harmonize import (
 )
 from skrtl._label_shift import LabelShiftAdapter
 from skrtl._radiomics import RadiomicsFeatures
+from skrtl._redundancy import CorrelationClusterSelector
 from skrtl._search import TransferSearchCV
 from skrtl._survival import CoxPHSurvival, SelectKBestSurvival, make_survival_target
 from skrtl._survival_finetune import FineTuneSurvival
@@ -201,6 +202,7 @@ ESTIMATORS: list = [
     # survival
     CoxPHSurvival(penalizer=0.1),
     SelectKBestSurvival(k=2),
+    CorrelationClusterSelector(),
     SurvivalEnsemble([("a", CoxPHSurvival(penalizer=0.1)), ("b", CoxPHSurvival(penalizer=1.0))]),
 ]
 
