@@ -319,3 +319,17 @@ def test_clone_keeps_parameters_and_invalid_ties_are_refused():
     X, y = _images(n=8)
     with pytest.raises(InvalidParameterError, match="ties"):
         _model(ties="exact").fit(X, y)
+
+
+def test_slice_wise_volumes_average_the_risk_of_their_slices():
+    from conftest import blob_volumes
+
+    vols, labels, masks = blob_volumes(n=8)
+    y = make_survival_target(np.arange(8) % 4 != 0, 5.0 + 3.0 * (1 - labels) + np.arange(8))
+    frame = make_image_frame(list(vols), masks=list(masks))
+    model = _model(pretrained=False, mode="3d", validation_fraction=None).fit(frame, y)
+    risk = model.predict(frame)
+    assert risk.shape == (8,) and np.isfinite(risk).all()
+    assert model.net_.history[-1]["train_loss"] > 0  # trained on the masked slices
+    one = model.predict(frame.iloc[[3]])
+    np.testing.assert_allclose(one, risk[[3]], rtol=1e-5, atol=1e-6)
