@@ -81,6 +81,7 @@ from ._lesion import (
 )
 from ._pruning import CVMedianPruner
 from ._radiomics import RADIOMICS_FEATURE_CLASSES, RadiomicsFeatures, otsu_mask
+from ._redundancy import CorrelationClusterSelector
 from ._search import TransferSearchCV
 from ._search_display import TransferSearchDisplay
 from ._search_space import transfer_search_space
@@ -88,11 +89,17 @@ from ._survival import (
     CoxPHSurvival,
     SelectKBestSurvival,
     as_survival_target,
+    breslow_cumulative_hazard,
     concordance_index,
     cox_score_test,
     kaplan_meier,
     make_survival_target,
     survival_target_to_frame,
+)
+from ._survival_finetune import (
+    CoxPartialLikelihoodLoss,
+    FineTuneSurvival,
+    cox_partial_likelihood_loss,
 )
 from ._survival_fusion import SurvivalEnsemble, make_survival_fusion
 from ._survival_metrics import (
@@ -126,10 +133,13 @@ __all__ = [
     "CohortError",
     "ComBatHarmonizer",
     "ComBatWarning",
+    "CorrelationClusterSelector",
     "CoxPHSurvival",
+    "CoxPartialLikelihoodLoss",
     "DomainAdapter",
     "ExtractResult",
     "FineTuneClassifier",
+    "FineTuneSurvival",
     "HarmonizationWarning",
     "HistogramMatcher",
     "ImageHeader",
@@ -163,6 +173,7 @@ __all__ = [
     "adjacent_slices",
     "adjust_posteriors",
     "as_survival_target",
+    "breslow_cumulative_hazard",
     "backbone_data_config",
     "bbse_prior_estimate",
     "bn_layers",
@@ -173,6 +184,7 @@ __all__ = [
     "compare_geometry",
     "concordance_index",
     "concordance_scorer",
+    "cox_partial_likelihood_loss",
     "cox_score_test",
     "crop_lesion",
     "datasets",

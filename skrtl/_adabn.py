@@ -777,8 +777,12 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
 
     @available_if(_inner_has("score"))
     def score(self, X, y, sample_weight=None, *, sample_domain=None):
-        """Accuracy (classifier) or R^2 (regressor) with the adapted statistics."""
+        """Accuracy (classifier), Harrell's C (survival) or R^2 with the adapted statistics."""
         pred = self.predict(X, sample_domain=sample_domain)
+        if hasattr(self.estimator_, "survival_train_"):  # a risk score (FineTuneSurvival)
+            from ._survival import concordance_index
+
+            return concordance_index(y, pred, sample_weight=sample_weight)
         if hasattr(self.estimator_, "classes_"):
             from sklearn.metrics import accuracy_score
 

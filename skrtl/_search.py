@@ -97,8 +97,8 @@ class TransferSearchCV(MetaEstimatorMixin, BaseEstimator):
     **Pruning under cross-validation.** When the estimator has a ``callbacks`` parameter
     (skorch-based estimators, :class:`~skrtl._finetune.FineTuneClassifier`) a skorch
     callback is appended for every fold. After each epoch it reports the epoch's validation
-    metric (the first of ``valid_auc``, ``valid_acc``, ``-valid_loss`` present in the skorch
-    history, or ``pruning_metric``) to the trial at step
+    metric (the first of ``valid_auc``, ``valid_acc``, ``valid_cindex``, ``-valid_loss``
+    present in the skorch history, or ``pruning_metric``) to the trial at step
 
         ``step = fold_index * epochs_per_fold + epoch``  (epoch 0-based),
 
@@ -184,7 +184,8 @@ class TransferSearchCV(MetaEstimatorMixin, BaseEstimator):
         When given, :meth:`save_plots` writes the PNG plots there after fitting.
     pruning_metric : str or None, default=None
         History key reported for pruning (prefix ``-`` or a name ending in ``loss`` means
-        lower is better). ``None`` tries ``valid_auc``, ``valid_acc``, ``valid_loss``.
+        lower is better). ``None`` tries ``valid_auc``, ``valid_acc``, ``valid_cindex``
+        (:class:`~skrtl.FineTuneSurvival`), ``valid_loss``.
     error_score : "raise" or float, default=np.nan
         Value of a fold whose fit or scoring raised (with a warning). A NaN trial value is
         recorded by Optuna as a failed trial and the search goes on; ``"raise"`` stops it.
