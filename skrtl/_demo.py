@@ -712,7 +712,7 @@ def _saliency(study, d, F, ext, clf):
         t0 = time.perf_counter()
         maps = explain(est, X, target=1)  # the evidence for the positive class
         sec = time.perf_counter() - t0
-        disp = maps.plot(ncols=min(2, len(rows)), titles=titles, panel_size=1.9)
+        disp = maps.plot(ncols=min(4, len(rows)), titles=titles, panel_size=1.9)
         study.savefig(disp.figure_, fname, f"Saliency maps, {caption} (positive class; green: "
                       "lesion mask).", section="saliency")  # fmt: skip
         share, frac = maps.mask_share(), maps.mask_fraction()

@@ -32,7 +32,12 @@ from ._explain_linear import (
     decompose_features,
     linear_head,
 )
-from ._explain_network import NETWORK_METHODS, network_saliency, resolve_saliency_layer
+from ._explain_network import (
+    NETWORK_METHODS,
+    network_saliency,
+    resolve_saliency_layer,
+    timm_model_of,
+)
 from ._explain_views import (
     SaliencyView,
     assemble_map,
@@ -287,10 +292,7 @@ def _split(estimator, X):
 def _groups(step, X, sample_domain):
     """``[(site key or None, fitted estimator, rows)]``: AdaBN's site copies, or the step."""
     if isinstance(step, AdaBN):
-        return [
-            (key, est, rows)
-            for key, est, rows in step.site_estimators(X, sample_domain=sample_domain)
-        ]
+        return list(step.site_estimators(X, sample_domain=sample_domain))
     if sample_domain is not None:
         raise ValueError(
             "sample_domain is only used with an AdaBN estimator (it picks each row's site "
@@ -354,8 +356,6 @@ def _explain_network(est, Xg, data, rows, *, method, layer, labels, tta, batch_s
     x, owners = _network_inputs(est, data, rows, bs)
     resolved = None
     if method != "occlusion":
-        from ._explain_network import timm_model_of
-
         probe = x[:1].to(next(members[0].parameters()).device)
         resolved = resolve_saliency_layer(timm_model_of(members[0]), layer, probe)
     elif layer is not None:
@@ -541,6 +541,8 @@ def explain(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS!r}, got {method!r}.")
+    if tta is not None and not isinstance(tta, bool | np.bool_):
+        raise ValueError(f"tta must be True, False or None (the estimator's own), got {tta!r}.")
     batch_size = _check_batch_size(batch_size)
     kind, step, Xc, tail, final = _split(estimator, X)
     if method == "auto":

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ._adabn import AdaBN
+from ._adabn import AdaBN, bn_layers, reestimate_bn_stats
 from ._backbone import get_transfer_layers
 from ._explain_network import timm_model_of
 from ._features import PretrainedCNNFeatures
@@ -103,6 +103,31 @@ def _reinit(model: torch.nn.Module, names: list[str], seed: int) -> int:
     return count
 
 
+def _refit_bn(model: torch.nn.Module, names: list[str], batches) -> None:
+    """Re-estimate the BatchNorm statistics of the named (re-initialised) layers on batches.
+
+    Random weights no longer fit the layers' running statistics: through dozens of layers the
+    activations vanish (to subnormal numbers, which also makes the CPU very slow) or explode.
+    The statistics of the other layers are kept.
+    """
+    by_name = {layer.name: layer for layer in get_transfer_layers(model)}
+    random_modules = {m for n in names for m in by_name[n].module_names}
+    layers = bn_layers(model)
+    if not any(name in random_modules for name, _ in layers):
+        return
+    keep = {
+        name: (m.running_mean.detach().clone(), m.running_var.detach().clone())
+        for name, m in layers
+        if name not in random_modules
+    }
+    reestimate_bn_stats(model, batches)
+    with torch.no_grad():
+        for name, m in layers:
+            if name in keep:
+                m.running_mean.copy_(keep[name][0])
+                m.running_var.copy_(keep[name][1])
+
+
 def _cnn_step(pipe):
     for i, (_, step) in enumerate(pipe.steps):
         if isinstance(step, PretrainedCNNFeatures):
@@ -138,7 +163,7 @@ def randomization_layers(estimator) -> list[str]:
     )
 
 
-def randomized_copy(estimator, layers, *, random_state=0):
+def randomized_copy(estimator, layers, *, X=None, random_state=0):
     """A copy of a fitted estimator whose named layers are re-initialised.
 
     Parameters
@@ -149,6 +174,11 @@ def randomized_copy(estimator, layers, *, random_state=0):
         Transfer-layer names (:func:`randomization_layers`), and ``"probe"`` for the linear
         model of a probe pipeline (its coefficients are redrawn from a normal distribution
         with their own standard deviation).
+    X : ndarray or image frame, optional
+        Images on which the BatchNorm statistics of the re-initialised layers are re-estimated
+        (recommended: the running statistics of trained layers do not fit random weights, and
+        the activations vanish or explode through the network); without ``X`` they are reset
+        to PyTorch's initial values (mean 0, variance 1).
     random_state : int, RandomState instance or None, default=0
 
     Returns
@@ -163,7 +193,10 @@ def randomized_copy(estimator, layers, *, random_state=0):
     if isinstance(estimator, FineTuneClassifier):
         new = estimator._skrtl_network_copy()
         for m, net in enumerate(new.nets_):
-            _reinit(timm_model_of(net.module_), layers, derive_seed(seed, "randomize", m))
+            model = timm_model_of(net.module_)
+            _reinit(model, layers, derive_seed(seed, "randomize", m))
+            if X is not None:
+                _refit_bn(model, layers, new._skrtl_iter_inputs(X))
         return new
     if isinstance(estimator, Pipeline):
         k = _cnn_step(estimator)
@@ -173,6 +206,9 @@ def randomized_copy(estimator, layers, *, random_state=0):
             name, cnn = steps[k]
             cnn = cnn._skrtl_network_copy()
             _reinit(cnn.model_, net_layers, derive_seed(seed, "randomize", 0))
+            if X is not None:
+                Xc = estimator[:k].transform(X) if k else X
+                _refit_bn(cnn.model_, net_layers, cnn._skrtl_iter_inputs(Xc))
             cnn._skrtl_invalidate_cache()
             steps[k] = (name, cnn)
         if PROBE_LAYER in layers:
@@ -283,7 +319,9 @@ def randomization_test(
     """The model-randomisation test of Adebayo et al. (2018) for :func:`skrtl.explain`.
 
     The maps of ``estimator`` on ``X`` are compared with those of copies whose layers are
-    re-initialised from the output downwards, for the same target classes.
+    re-initialised from the output downwards (PyTorch's default initialisation; the BatchNorm
+    statistics of the re-initialised layers re-estimated on ``X``), for the same target
+    classes.
 
     Parameters
     ----------
@@ -319,7 +357,7 @@ def randomization_test(
     maps, corr, acorr, randomized = [], [], [], []
     for k, layer in enumerate(order):
         chosen = order[: k + 1] if cascade else [layer]
-        rand = randomized_copy(estimator, chosen, random_state=random_state)
+        rand = randomized_copy(estimator, chosen, X=X, random_state=random_state)
         m = explain(rand, X, **params)
         maps.append(m)
         corr.append(saliency_correlation(trained, m))

@@ -217,7 +217,7 @@ class SaliencyDisplay:
                     title = self._title(i, view) if j == 0 else view.name
                 ax.set_title(title, fontsize=7)
         figure.suptitle(f"{maps.method} ({_layer_text(maps.layer)}): {maps.units}", fontsize=8)
-        figure.tight_layout()
+        figure.tight_layout(h_pad=1.2, rect=(0, 0, 1, 0.97))
         self.figure_ = figure
         self.axes_ = axes
         self.overlays_ = overlays

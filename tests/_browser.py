@@ -151,6 +151,7 @@ def render(
     height: int = 1400,
     binary: str | None = None,
     timeout: float = 60.0,
+    anchor: str | None = None,
 ) -> dict:
     """Load an HTML file in headless Chromium and report what loaded and what went wrong.
 
@@ -161,6 +162,9 @@ def render(
         console messages of level error; ``exceptions``: uncaught JavaScript exceptions;
         ``log_errors``: browser log entries of level error (failed loads, blocked content);
         ``title``; ``page_height``.
+
+    The screenshot shows ``width`` x ``height`` pixels from the top of the page, or from the
+    element with id ``anchor``.
     """
     binary = binary or find_chromium()
     if binary is None:
@@ -193,12 +197,15 @@ def render(
             title = evaluate("document.title")
             page_height = int(evaluate("document.documentElement.scrollHeight"))
             if screenshot is not None:
+                top = 0
+                if anchor is not None:
+                    top = int(evaluate(f"document.getElementById({json.dumps(anchor)}).offsetTop"))
                 shot = tools.send(
                     "Page.captureScreenshot",
                     {
                         "format": "png",
                         "captureBeyondViewport": True,
-                        "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1},
+                        "clip": {"x": 0, "y": top, "width": width, "height": height, "scale": 1},
                     },
                     session=session,
                 )
@@ -243,8 +250,15 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--width", type=int, default=1100)
     parser.add_argument("--height", type=int, default=1400)
     parser.add_argument("--scale-to", type=int, default=None, help="resize the PNG to this width")
+    parser.add_argument("--anchor", default=None, help="screenshot from this element id")
     args = parser.parse_args(argv)
-    out = render(args.html, screenshot=args.screenshot, width=args.width, height=args.height)
+    out = render(
+        args.html,
+        screenshot=args.screenshot,
+        width=args.width,
+        height=args.height,
+        anchor=args.anchor,
+    )
     if args.screenshot and args.scale_to:
         from PIL import Image
 
