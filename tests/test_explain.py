@@ -355,6 +355,14 @@ def test_randomized_copy_of_a_finetuned_network(finetuned, frame):
     assert torch.equal(  # layers below are shared weights, unchanged
         finetuned.net_.module_.model.conv_stem.weight, rand.net_.module_.model.conv_stem.weight
     )
+    # without images the re-initialised BatchNorm has PyTorch's initial statistics; with
+    # images they are re-estimated there, and the layers below keep their own
+    bn2 = rand.net_.module_.model.bn2
+    assert torch.equal(bn2.running_var, torch.ones_like(bn2.running_var))
+    refit = randomized_copy(finetuned, ["classifier", "head"], X=X.iloc[:6], random_state=0)
+    assert not torch.equal(refit.net_.module_.model.bn2.running_var, bn2.running_var)
+    below = finetuned.net_.module_.model.blocks[6][0].bn1
+    assert torch.equal(refit.net_.module_.model.blocks[6][0].bn1.running_mean, below.running_mean)
     with pytest.raises(ValueError, match="not transfer layers"):
         randomized_copy(finetuned, ["nope"])
 
