@@ -39,6 +39,15 @@ from ._domain_adaptation import (
     SiteDAPipeline,
     make_site_da_pipeline,
 )
+from ._explain import SaliencyMaps, explain
+from ._explain_checks import (
+    RandomizationResult,
+    randomization_test,
+    randomized_copy,
+    saliency_correlation,
+)
+from ._explain_display import SaliencyDisplay
+from ._explain_views import SaliencyView
 from ._extract import ExtractResult, extract_cohort, read_radiomics_params
 from ._features import PretrainedCNNFeatures, clear_feature_cache, feature_cache_info
 from ._finetune import FineTuneClassifier
@@ -156,6 +165,10 @@ __all__ = [
     "MedicalImage",
     "PretrainedCNNFeatures",
     "RadiomicsFeatures",
+    "RandomizationResult",
+    "SaliencyDisplay",
+    "SaliencyMaps",
+    "SaliencyView",
     "SelectKBestSurvival",
     "ShiftDiagnosis",
     "SiteDAPipeline",
@@ -191,6 +204,7 @@ __all__ = [
     "describe_layers",
     "diagnose_shift",
     "em_prior_estimate",
+    "explain",
     "extract_cohort",
     "feature_cache_info",
     "get_transfer_layers",
@@ -217,6 +231,8 @@ __all__ = [
     "prior_shift_class_weight",
     "prior_shift_sample_weight",
     "proxy_a_distance",
+    "randomization_test",
+    "randomized_copy",
     "read_cohort",
     "read_header",
     "read_image",
@@ -224,6 +240,7 @@ __all__ = [
     "read_mask",
     "read_radiomics_params",
     "reestimate_bn_stats",
+    "saliency_correlation",
     "select_label",
     "suggest_strategy",
     "survival_function_at",

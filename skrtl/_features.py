@@ -204,6 +204,9 @@ class PretrainedCNNFeatures(
         normalisation), shared with every torch estimator.
     layers_ : list of str
         Resolved layer tags (``"l9"``, ...) in output order.
+    layer_modules_ : list of str
+        Module of the network whose output each entry of ``layers_`` pools (``""``: the
+        final feature map, ``forward_features``); read by :func:`skrtl.explain`.
     passthrough_ : list of str
         The passthrough columns (empty without ``passthrough``).
     n_features_out_ : int
@@ -433,6 +436,7 @@ class PretrainedCNNFeatures(
         self._fast = None
         self.layers_ = [tag for tag, _ in resolved]
         self._layer_modules = [m for _, m in resolved]
+        self.layer_modules_ = list(self._layer_modules)
         self.layer_dims_ = dims
         pools = ["avg", "max"] if self.pooling == "avgmax" else [self.pooling]
         names = []
