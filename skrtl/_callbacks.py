@@ -100,20 +100,30 @@ class FreezeBatchNorm(Callback):
         return state
 
 
+def _labels_and_weights(y):
+    """Class labels and sample weights (``None``) of a validation target: ``(n,)`` labels,
+    or ``(n, 2)`` rows (label, sample weight) of a sample-weighted fit."""
+    y = np.asarray(y)
+    if y.ndim == 2:
+        return y[:, 0].astype(np.int64), y[:, 1].astype(np.float64)
+    return y, None
+
+
 def _valid_auc(net, X, y):
     """ROC AUC of the positive class on the validation set (nan with a single class)."""
     from sklearn.metrics import roc_auc_score
 
-    y = np.asarray(y)
+    y, w = _labels_and_weights(y)
     if np.unique(y).size < 2:
         return float("nan")
     proba = net.predict_proba(X)
-    return float(roc_auc_score(y, proba[:, 1]))
+    return float(roc_auc_score(y, proba[:, 1], sample_weight=w))
 
 
 def _valid_acc(net, X, y):
+    y, w = _labels_and_weights(y)
     proba = net.predict_proba(X)
-    return float(np.mean(np.argmax(proba, axis=1) == np.asarray(y)))
+    return float(np.average(np.argmax(proba, axis=1) == y, weights=w))
 
 
 def validation_scoring(n_classes: int) -> tuple[str, EpochScoring]:

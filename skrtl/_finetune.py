@@ -33,6 +33,7 @@ survival targets, a Cox partial-likelihood loss and risk scores.
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -46,7 +47,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from ._augment import AugmentCollate
+from ._augment import LightAugment, SampleAugmentLoader, apply_sample_transform
 from ._backbone import DEFAULT_BACKBONE, backbone_data_config, get_transfer_layers
 from ._base import BaseTorchImageEstimator, ImageEstimatorMixin
 from ._callbacks import FreezeBatchNorm, validation_scoring
@@ -62,6 +63,13 @@ from .utils import check_class_labels, derive_seed, resolve_device, root_seed
 __all__ = ["BaseFineTune", "FineTuneClassifier", "fit_member"]
 
 _STRATEGIES = ("scratch", "linear_probe", "finetune")
+
+# optimizer names -> (class, default arguments); lr and weight_decay come from the estimator
+_OPTIMIZERS = {
+    "adamw": (torch.optim.AdamW, {}),
+    "adam": (torch.optim.Adam, {}),
+    "sgd": (torch.optim.SGD, {"momentum": 0.9}),
+}
 
 # at most this many bytes of cached frozen-prefix activations (else caching is skipped)
 _MAX_CACHE_BYTES = 2 * 1024**3
@@ -91,6 +99,7 @@ class _FitPlan:
     X_prefix: torch.Tensor | None  # cached prefix output (pretrained prefix: shared)
     use_valid: bool
     devices: list  # CUDA devices whose RNG a member forks
+    sample_weighted: bool = False  # y_rows ends in a column of sample weights
 
 
 def _run_prefix(module: TransferModule, X_img, n_prefix: int, device, batch_size: int):
@@ -206,7 +215,10 @@ class BaseFineTune(BaseTorchImageEstimator):
         "weight_decay": [Interval(Real, 0, None, closed="left")],
         "max_epochs": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [Interval(Integral, 2, None, closed="left")],
-        "augment": ["boolean"],
+        "augment": ["boolean", callable],
+        "optimizer": [StrOptions(set(_OPTIMIZERS)), type],
+        "optimizer_params": [dict, None],
+        "num_workers": [Interval(Integral, 0, None, closed="left")],
         "early_stopping": ["boolean"],
         "patience": [Interval(Integral, 1, None, closed="left")],
         "validation_fraction": [Interval(Real, 0, 0.5, closed="right"), None],
@@ -303,7 +315,7 @@ class BaseFineTune(BaseTorchImageEstimator):
         # the frozen prefix is the same pretrained network for every member: computed once
         # (with random weights, pretrained=False, each member computes its own)
         n_prefix, X_prefix = 0, None
-        if not self.augment and k >= 1:
+        if self._train_transform() is None and k >= 1:  # augmented inputs: no cache
             module = TransferModule(model).to(self.device_)
             for pname, p in model.named_parameters():
                 p.requires_grad_(pname not in frozen_params)
@@ -338,18 +350,30 @@ class BaseFineTune(BaseTorchImageEstimator):
         )
 
     # ----------------------------------------------------------------------------------------
-    def _fit_networks(self, data, targets, strata, *, n_out, weight, seed, size, windows):
+    def _fit_networks(
+        self, data, targets, strata, *, n_out, weight, seed, size, windows, sample_weight=None
+    ):
         """Fine-tune the ``n_estimators`` members and set the fitted-network attributes.
 
         ``targets`` (one row per sample) becomes the skorch target of the sample's network
-        images; ``strata`` (one label per sample) stratifies the validation folds.
+        images; ``strata`` (one label per sample) stratifies the validation folds. With
+        ``sample_weight`` (validated, positive sum), the samples of weight 0 take no part in
+        training or validation (exactly as if they had been left out) and the weights are
+        appended to the targets as their last column.
         """
         self.device_ = str(resolve_device(self.device))
+        self._optimizer_spec()  # refuse a bad optimizer before any work
         n_members = int(self.n_estimators)
-        splits = self._validation_splits(strata, seed, n_members)
+        keep = np.arange(len(data))
+        if sample_weight is not None:
+            keep = np.flatnonzero(sample_weight > 0)
+            w = torch.as_tensor(sample_weight, dtype=torch.float64)
+            targets = torch.column_stack([targets.to(torch.float64), w])
+        splits = self._validation_splits(np.asarray(strata)[keep], seed, n_members)
         use_valid = splits is not None
         if splits is None:
-            splits = [(np.arange(len(data)), np.array([], dtype=int))] * n_members
+            splits = [(np.arange(keep.size), np.array([], dtype=int))] * n_members
+        splits = [(keep[tr], keep[va]) for tr, va in splits]
         plan = self._plan(
             data,
             targets,
@@ -361,6 +385,8 @@ class BaseFineTune(BaseTorchImageEstimator):
             n_train=int(splits[0][0].size),
         )
         plan.use_valid = use_valid
+        plan.sample_weighted = sample_weight is not None
+        self._check_transform(plan)
         nets, histories, best_epochs = [], [], []
         for member, (tr_idx, va_idx) in enumerate(splits):
             net, history, best = fit_member(
@@ -458,12 +484,30 @@ class BaseFineTune(BaseTorchImageEstimator):
         # BatchNorm cannot train on a last batch of one sample
         drop_last = n_rows_train > self.batch_size and n_rows_train % self.batch_size == 1
         names = [pn for pn, _ in module.named_parameters()]
+        optimizer_class, optimizer_kwargs, weight_decay = self._optimizer_spec()
         optimizer = LayerwiseOptimizer(
-            names, plan.layer_of, plan.lr_of_layer, plan.layer_names, float(self.weight_decay)
+            names,
+            plan.layer_of,
+            plan.lr_of_layer,
+            plan.layer_names,
+            weight_decay,
+            optimizer=optimizer_class,
         )
         net_class, criterion, net_kwargs = self._net_options(plan)
-        if self.augment:
-            net_kwargs["iterator_train__collate_fn"] = AugmentCollate()
+        net_kwargs.update({f"optimizer__{key}": v for key, v in optimizer_kwargs.items()})
+        transform = self._train_transform()
+        if transform is not None:  # per-sample seeds from the member's (forked) generator
+            builtin = isinstance(transform, LightAugment)
+            mean, std = (None, None) if builtin else self._input_normalisation()
+            net_kwargs["iterator_train"] = SampleAugmentLoader(
+                copy.deepcopy(transform),
+                seed=int(torch.randint(0, 2**62, ()).item()),
+                mean=mean,
+                std=std,
+                loader=net_kwargs.get("iterator_train"),
+            )
+        if self.num_workers:
+            net_kwargs["iterator_train__num_workers"] = int(self.num_workers)
         return net_class(
             module,
             criterion=criterion,
@@ -480,6 +524,113 @@ class BaseFineTune(BaseTorchImageEstimator):
             verbose=int(self.verbose),
             **net_kwargs,
         )
+
+    # ----------------------------------------------------------------------------------------
+    # options: augmentation, optimizer, sample weights
+    # ----------------------------------------------------------------------------------------
+    def _train_transform(self):
+        """The per-sample training transform: None, the built-in or the user's callable."""
+        if callable(self.augment):  # before truth: an empty Compose may have len() == 0
+            return self.augment
+        return LightAugment() if self.augment else None
+
+    def _input_normalisation(self):
+        """Per-channel ``(mean, std)`` of the network input (one value for all channels)."""
+        mean, std = list(self.preprocessor_.mean), list(self.preprocessor_.std)
+        if len(mean) != self.preprocessor_.in_chans:
+            mean, std = [float(np.mean(mean))], [float(np.mean(std))]
+        return mean, std
+
+    def _check_transform(self, plan: _FitPlan) -> None:
+        """Refuse a user transform that sklearn cannot clone or that changes the input."""
+        transform = self._train_transform()
+        if transform is None or isinstance(transform, LightAugment):
+            return
+        if hasattr(transform, "get_params") and not hasattr(transform, "set_params"):
+            raise ValueError(
+                f"augment={transform!r} has a get_params method that is not scikit-learn's "
+                "(torchvision's transforms use that name for their random-parameter "
+                "sampler), so clone, GridSearchCV and get_params would fail on the "
+                "estimator. Wrap the transform in a container: "
+                "augment=torchvision.transforms.v2.Compose([transform])."
+            )
+        x = plan.X_img[0]
+        mean, std = self._input_normalisation()
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        x = x * torch.tensor(std).view(shape) + torch.tensor(mean).view(shape)
+        apply_sample_transform(copy.deepcopy(transform), x, 0)
+
+    def _optimizer_spec(self):
+        """``(optimizer class, extra arguments, weight decay or None)`` of the optimizer."""
+        opt = self.optimizer
+        if isinstance(opt, str):
+            cls, defaults = _OPTIMIZERS[opt]
+        elif isinstance(opt, type) and issubclass(opt, torch.optim.Optimizer):
+            cls, defaults = opt, {}
+        else:
+            raise ValueError(
+                f"optimizer must be one of {sorted(_OPTIMIZERS)!r} or a torch.optim.Optimizer "
+                f"subclass (e.g. torch.optim.RMSprop), got {opt!r}."
+            )
+        params = dict(self.optimizer_params or {})
+        reserved = {
+            "params": "the parameter groups are built from the transfer layers",
+            "lr": "use lr (and gamma for the layer-wise rates)",
+            "weight_decay": "use the weight_decay parameter",
+        }
+        for key, why in reserved.items():
+            if key in params:
+                raise ValueError(
+                    f"optimizer_params={self.optimizer_params!r} sets {key!r}: {why}."
+                )
+        sig = inspect.signature(cls.__init__).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.values())
+        allowed = {n for n in sig if n not in ("self", "params")} - {"lr", "weight_decay"}
+        unknown = sorted(set(params) - allowed)
+        if unknown and not takes_any:
+            raise ValueError(
+                f"optimizer_params={self.optimizer_params!r} has {unknown!r}, which "
+                f"{cls.__name__} does not take; it takes {sorted(allowed)!r}."
+            )
+        weight_decay = float(self.weight_decay)
+        if "weight_decay" not in sig and not takes_any:
+            if weight_decay > 0:
+                raise ValueError(
+                    f"weight_decay={self.weight_decay!r} but optimizer {cls.__name__} has no "
+                    "weight_decay argument; set weight_decay=0."
+                )
+            weight_decay = None
+        return cls, {**defaults, **params}, weight_decay
+
+    def _check_fit_sample_weight(self, sample_weight, n: int):
+        """Validated float64 sample weights of shape ``(n,)``, or None."""
+        if sample_weight is None:
+            return None
+        try:
+            sw = np.asarray(sample_weight, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"sample_weight must be an array of {n} non-negative numbers, got "
+                f"{sample_weight!r}."
+            ) from exc
+        if sw.ndim == 0:
+            sw = np.full(n, float(sw))
+        if sw.shape != (n,):
+            raise ValueError(
+                f"sample_weight has shape {sw.shape!r}; X has {n} samples, so it must have "
+                f"shape ({n},)."
+            )
+        if not np.all(np.isfinite(sw)) or np.any(sw < 0):
+            raise ValueError(
+                "sample_weight must be finite and non-negative, got values "
+                f"{sw[~np.isfinite(sw) | (sw < 0)][:5].tolist()!r}."
+            )
+        if sw.sum() <= 0:
+            raise ValueError(
+                "sample_weight sums to 0: every sample would be ignored. Give some samples a "
+                "positive weight."
+            )
+        return sw
 
     def _history(self, net, plan: _FitPlan):
         keys = ["epoch", "train_loss", "dur"]
@@ -595,11 +746,29 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
     gamma : float in (0, 1], default=0.7
         Layer-wise learning-rate decay: layer ``l`` trains with ``lr * gamma ** (L - l)``.
     lr : float, default=1e-3
-        Learning rate of the classifier (``alpha_max``), AdamW optimizer.
+        Learning rate of the classifier (``alpha_max``); layer ``l`` starts at
+        ``lr * gamma ** (L - l)``.
     weight_decay : float, default=1e-4
-        AdamW weight decay.
+        Weight decay of the optimizer (decoupled for AdamW, an L2 penalty for Adam and SGD).
+    optimizer : {"adamw", "adam", "sgd"} or torch.optim.Optimizer subclass, default="adamw"
+        The optimizer of the layer-wise parameter groups: ``"adamw"``
+        (:class:`torch.optim.AdamW`), ``"adam"``, ``"sgd"`` (:class:`torch.optim.SGD` with
+        ``momentum=0.9``) or any optimizer class taking parameter groups and ``lr`` (e.g.
+        ``torch.optim.RMSprop``, with its own defaults). Every trainable layer is one
+        parameter group with its own learning rate, whatever the optimizer.
+    optimizer_params : dict or None, default=None
+        Further arguments of the optimizer (e.g. ``{"momentum": 0.8, "nesterov": True}`` or
+        ``{"betas": (0.9, 0.99)}``); they override the defaults above. ``lr`` and
+        ``weight_decay`` are parameters of the estimator and cannot be set here.
     max_epochs : int, default=15
     batch_size : int, default=32
+    num_workers : int, default=0
+        Worker processes of the training DataLoader (``0``: load in the main process). The
+        network inputs are preprocessed once before training, so workers pay off when a
+        per-sample ``augment`` transform is expensive. Results do not depend on it: shuffling
+        and the augmentation seeds are drawn in the main process. skorch builds the loader
+        for every epoch, so workers are started for every epoch (``persistent_workers`` would
+        not keep them).
     input_size : int or (int, int), default=96
         Images are resized (bilinear, antialiased) to this size.
     mode : {"2d", "2.5d", "3d"}, default="2d"
@@ -620,11 +789,22 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         CT windows (one input channel each) for ``intensity="window"`` / ``"auto"``.
     percentiles : (float, float), default=(0.5, 99.5)
         Clip range of ``intensity="percentile"``.
-    augment : bool, default=False
-        Light augmentation of training batches (horizontal flip, rotation up to 10 degrees,
-        shift up to 5 %, contrast / brightness jitter); never applied at predict time.
+    augment : bool or callable, default=False
+        Augmentation of every training image (never of validation images, never at predict
+        time). ``True``: the built-in light augmentation (horizontal flip, rotation up to 10
+        degrees, shift up to 5 %, contrast / brightness jitter). A callable: a per-sample
+        transform, e.g. a ``torchvision.transforms.v2.Compose`` or a MONAI array transform.
+        It receives one image as a ``(C, H, W)`` float32 tensor (``C`` =
+        ``input_config_["in_chans"]``, ``(H, W)`` = ``input_size``) with intensities as
+        scaled by ``intensity`` (in [0, 1], before the backbone's mean / std normalisation)
+        and must return a tensor of the same shape and dtype; anything else is an error.
+        Every sample of every epoch gets its own seed, derived from ``random_state``: torch's,
+        NumPy's and Python's global generators are seeded for the call (and restored), and a
+        MONAI ``Randomizable`` gets ``set_random_state``, so fits are reproducible with any
+        ``num_workers``. A transform with torchvision's static ``get_params`` (e.g. a bare
+        ``v2.RandomAffine``) must be wrapped in ``v2.Compose`` for scikit-learn's ``clone``.
         Without augmentation, frozen layers are computed once per image (frozen-prefix
-        caching), which makes epochs much cheaper.
+        caching), which makes epochs much cheaper; any augmentation switches the cache off.
     class_weight : "balanced", dict or None, default=None
         Class weights of the cross-entropy loss.
     early_stopping : bool, default=True
@@ -714,7 +894,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
     Examples
     --------
     >>> import numpy as np
-    >>> from skrtl._finetune import FineTuneClassifier
+    >>> from skrtl import FineTuneClassifier
     >>> rng = np.random.default_rng(0)
     >>> X, y = rng.random((12, 32, 32)), np.repeat([0, 1], 6)
     >>> clf = FineTuneClassifier(input_size=32, max_epochs=1, n_estimators=1, random_state=0)
@@ -739,8 +919,11 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         gamma=0.7,
         lr=1e-3,
         weight_decay=1e-4,
+        optimizer="adamw",
+        optimizer_params=None,
         max_epochs=15,
         batch_size=32,
+        num_workers=0,
         input_size=96,
         mode="2d",
         slices="orthogonal",
@@ -771,8 +954,11 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         self.gamma = gamma
         self.lr = lr
         self.weight_decay = weight_decay
+        self.optimizer = optimizer
+        self.optimizer_params = optimizer_params
         self.max_epochs = max_epochs
         self.batch_size = batch_size
+        self.num_workers = num_workers
         self.input_size = input_size
         self.mode = mode
         self.slices = slices
@@ -807,7 +993,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
 
     # ----------------------------------------------------------------------------------------
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         """Fine-tune the network on images ``X`` with labels ``y``.
 
         Parameters
@@ -817,6 +1003,15 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
             or an image frame from :func:`skrtl.make_image_frame`.
         y : array-like of shape (n,)
             Class labels.
+        sample_weight : array-like of shape (n,), optional
+            Non-negative weight of every sample. The loss of a batch is the weighted mean
+            ``sum_i w_i c_i l_i / sum_i w_i c_i`` of the per-image cross-entropies ``l_i``
+            (``c_i``: the ``class_weight`` of the label), so an integer weight counts a sample
+            that many times. The validation loss that early stopping watches and the
+            validation AUC / accuracy are weighted the same way. Samples of weight 0 are left
+            out of training and of the validation folds, exactly as if they were not in
+            ``X``. ``class_weight="balanced"`` uses the weighted class totals. Routed by
+            metadata routing: ``set_fit_request(sample_weight=True)``.
 
         Returns
         -------
@@ -829,19 +1024,29 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         if y_arr.shape[0] != n:
             raise ValueError(f"X has {n} samples but y has {y_arr.shape[0]}.")
         self.classes_, y_enc = self._check_y(y)
+        sw = self._check_fit_sample_weight(sample_weight, n)
+        if sw is not None:
+            totals = np.bincount(y_enc, weights=sw, minlength=len(self.classes_))
+            if np.any(totals <= 0):
+                raise ValueError(
+                    f"sample_weight is 0 for every sample of the class(es) "
+                    f"{self.classes_[totals <= 0].tolist()!r}; drop those samples from X and "
+                    "y, or give some of them a positive weight."
+                )
         self._fit_networks(
             data,
             torch.as_tensor(y_enc, dtype=torch.int64),
             y_enc,
             n_out=len(self.classes_),
-            weight=self._class_weight_tensor(y),
+            weight=self._class_weight_tensor(y, sw),
             seed=root_seed(self.random_state),
             size=size,
             windows=windows,
+            sample_weight=sw,
         )
         return self
 
-    def _class_weight_tensor(self, y):
+    def _class_weight_tensor(self, y, sample_weight=None):
         if self.class_weight is None:
             return None
         cw = self.class_weight
@@ -852,7 +1057,9 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
                     f"class_weight has labels {sorted(unknown, key=str)!r} that are not "
                     f"in y (classes: {self.classes_.tolist()!r})."
                 )
-        weight = compute_class_weight(cw, classes=self.classes_, y=np.asarray(y))
+        weight = compute_class_weight(
+            cw, classes=self.classes_, y=np.asarray(y), sample_weight=sample_weight
+        )
         return torch.as_tensor(weight, dtype=torch.float32)
 
     # hooks of BaseFineTune
@@ -862,7 +1069,8 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         kwargs = {"classes": np.arange(plan.n_out), "callbacks__valid_acc": None}
         if plan.weight is not None:
             kwargs["criterion__weight"] = plan.weight
-        return NeuralNetClassifier, nn.CrossEntropyLoss, kwargs
+        criterion = SampleWeightedCrossEntropy if plan.sample_weighted else nn.CrossEntropyLoss
+        return NeuralNetClassifier, criterion, kwargs
 
     def _validation_scoring(self, plan: _FitPlan):
         return validation_scoring(plan.n_out)
@@ -906,6 +1114,29 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         tags.classifier_tags.multi_class = True
         tags.classifier_tags.poor_score = True
         return tags
+
+
+class SampleWeightedCrossEntropy(nn.CrossEntropyLoss):
+    """Cross-entropy with per-sample weights carried in the target.
+
+    ``loss(logits, target)``: ``target[:, 0]`` holds the class index and ``target[:, 1]`` the
+    sample weight ``w_i``; the loss is ``sum_i w_i c_i l_i / sum_i w_i c_i`` with ``l_i`` the
+    cross-entropy of sample ``i`` and ``c_i`` the class weight of its label (``weight``, 1
+    without), so with unit weights it is :class:`torch.nn.CrossEntropyLoss`.
+    """
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        label = target[:, 0].long()
+        w = target[:, 1].to(input.dtype)
+        loss = nn.functional.cross_entropy(
+            input, label, reduction="none", label_smoothing=self.label_smoothing
+        )
+        if self.weight is not None:
+            w = w * self.weight.to(input.dtype)[label]
+        total = w.sum()
+        if total <= 0:  # a batch of weight 0: no gradient (still attached to the graph)
+            return (loss * w).sum()
+        return (loss * w).sum() / total
 
 
 def _eval_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

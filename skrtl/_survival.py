@@ -637,7 +637,7 @@ def _ipcw_weights(g_times: np.ndarray, g_surv: np.ndarray, time: np.ndarray) -> 
 # --------------------------------------------------------------------------------------------
 # proportional hazards: baseline hazard, survival functions, score
 # --------------------------------------------------------------------------------------------
-def breslow_cumulative_hazard(y, risk) -> tuple[np.ndarray, np.ndarray]:
+def breslow_cumulative_hazard(y, risk, *, sample_weight=None) -> tuple[np.ndarray, np.ndarray]:
     """Breslow estimate of the baseline cumulative hazard given risk scores.
 
     ``H0(t) = sum_{t_j <= t} d_j / sum_{i : time_i >= t_j} exp(risk_i)`` at every distinct
@@ -650,6 +650,9 @@ def breslow_cumulative_hazard(y, risk) -> tuple[np.ndarray, np.ndarray]:
         Survival target (:func:`make_survival_target`).
     risk : array-like of shape (n,)
         Risk scores (log partial hazards) of the same samples.
+    sample_weight : array-like of shape (n,), optional
+        Sample weights: ``d_j`` becomes the weighted number of events and the risk-set sums
+        are weighted (integer weights are equivalent to repeating samples).
 
     Returns
     -------
@@ -661,9 +664,11 @@ def breslow_cumulative_hazard(y, risk) -> tuple[np.ndarray, np.ndarray]:
     event, time = _check_survival_y(y, estimator_name="breslow_cumulative_hazard")
     risk = np.asarray(risk, dtype=float).reshape(-1)
     check_consistent_length(time, risk)
+    w = np.ones(time.shape) if sample_weight is None else np.asarray(sample_weight, float)
+    check_consistent_length(time, w)
     times, inv = np.unique(time, return_inverse=True)
-    deaths = np.bincount(inv, weights=event.astype(float), minlength=times.size)
-    hazard = np.bincount(inv, weights=np.exp(risk), minlength=times.size)
+    deaths = np.bincount(inv, weights=w * event.astype(float), minlength=times.size)
+    hazard = np.bincount(inv, weights=w * np.exp(risk), minlength=times.size)
     at_risk = np.cumsum(hazard[::-1])[::-1]
     return times, np.cumsum(deaths / at_risk)
 

@@ -70,7 +70,12 @@ _TIES = ("efron", "breslow")
 # the loss
 # --------------------------------------------------------------------------------------------
 def cox_partial_likelihood_loss(
-    risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor, *, ties: str = "efron"
+    risk: torch.Tensor,
+    time: torch.Tensor,
+    event: torch.Tensor,
+    *,
+    ties: str = "efron",
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Negative Cox log partial likelihood of risk scores, divided by the number of events.
 
@@ -85,6 +90,14 @@ def cox_partial_likelihood_loss(
     with log-sum-exp, so large risk scores do not overflow. The value equals lifelines' and
     scikit-survival's partial likelihoods (``tests/test_survival_finetune.py``).
 
+    With sample weights ``w`` (lifelines' ``weights_col``), every sum over samples is
+    weighted: ``r_i`` of an event counts ``w_i`` times, risk sets sum ``w_i e^{r_i}``, ``d_j``
+    in Breslow's term becomes the weight ``W_j`` of the events at ``t_j`` and Efron's
+    ``d_j`` log terms are scaled by ``W_j / d_j``; the result is divided by the total event
+    weight. Samples of weight 0 are left out. For Breslow's handling an integer weight is
+    equivalent to repeating the sample; for Efron's it is not quite, since repeated events
+    would be tied.
+
     Parameters
     ----------
     risk : torch.Tensor of shape (n,) or (n, 1)
@@ -94,12 +107,14 @@ def cox_partial_likelihood_loss(
     event : torch.Tensor of shape (n,)
         Event indicator (bool or 0/1).
     ties : {"efron", "breslow"}, default="efron"
+    weight : torch.Tensor of shape (n,), optional
+        Non-negative sample weights.
 
     Returns
     -------
     torch.Tensor
-        A scalar: ``-log L / n_events``; 0 (still attached to ``risk``'s graph) when there is
-        no event.
+        A scalar: ``-log L / n_events`` (``/ total event weight`` with ``weight``); 0 (still
+        attached to ``risk``'s graph) when there is no event.
     """
     if ties not in _TIES:
         raise ValueError(f"ties must be one of {_TIES!r}, got {ties!r}.")
@@ -113,6 +128,8 @@ def cox_partial_likelihood_loss(
             f"risk, time and event must have one value per sample, got shapes "
             f"{tuple(risk.shape)}, {tuple(time.shape)} and {tuple(event.shape)}."
         )
+    if weight is not None:
+        return _weighted_cox_loss(risk, time, event, weight.reshape(-1).to(risk), ties)
     n_events = int(event.sum())
     if n_events == 0:
         return risk.sum() * 0.0
@@ -135,13 +152,48 @@ def cox_partial_likelihood_loss(
     return (log_denominator.sum() - risk[event].sum()) / n_events
 
 
+def _weighted_cox_loss(risk, time, event, weight, ties):
+    """:func:`cox_partial_likelihood_loss` with sample weights (validated inputs)."""
+    if weight.shape != risk.shape:
+        raise ValueError(
+            f"weight must have one value per sample, got shape {tuple(weight.shape)} for "
+            f"{risk.numel()} samples."
+        )
+    zero = risk.sum() * 0.0
+    keep = weight > 0
+    if not bool(keep.all()):
+        risk, time, event, weight = risk[keep], time[keep], event[keep], weight[keep]
+    total = weight[event].sum()
+    if not bool(event.any()) or float(total) <= 0:
+        return zero
+    log_w = torch.log(weight)
+    event_times, d = torch.unique(time[event], return_counts=True)  # (m,)
+    minus_inf = torch.tensor(float("-inf"), dtype=risk.dtype, device=risk.device)
+    at_risk = time[None, :] >= event_times[:, None]  # (m, n)
+    wr = risk + log_w  # log(w e^r)
+    log_risk_set = torch.logsumexp(torch.where(at_risk, wr[None, :], minus_inf), dim=1)
+    tied = (time[None, :] == event_times[:, None]) & event[None, :]
+    w_tied = torch.where(tied, weight[None, :], torch.zeros_like(weight)[None, :]).sum(1)
+    log_denominator = w_tied * log_risk_set
+    if ties == "efron":
+        d = d.to(risk.dtype)
+        log_tied = torch.logsumexp(torch.where(tied, wr[None, :], minus_inf), dim=1)
+        share = torch.exp(log_tied - log_risk_set)  # in (0, 1]
+        steps = torch.arange(int(d.max()), dtype=risk.dtype, device=risk.device)
+        frac = steps[None, :] / d[:, None]
+        used = steps[None, :] < d[:, None]
+        corr = torch.log1p(-torch.where(used, frac, torch.zeros_like(frac)) * share[:, None])
+        log_denominator = log_denominator + (w_tied / d) * corr.sum(dim=1)
+    return (log_denominator.sum() - (weight * risk)[event].sum()) / total
+
+
 class CoxPartialLikelihoodLoss(nn.Module):
     """Cox partial-likelihood loss for skorch / torch training (see
     :func:`cox_partial_likelihood_loss`).
 
     ``loss(risk, target)`` takes the network output ``risk`` of shape ``(n, 1)`` or ``(n,)``
     and ``target`` of shape ``(n, 2)``: the time in column 0 and the event indicator (1 =
-    event, 0 = censored) in column 1.
+    event, 0 = censored) in column 1; an optional column 2 holds sample weights.
 
     Parameters
     ----------
@@ -155,7 +207,10 @@ class CoxPartialLikelihoodLoss(nn.Module):
         self.ties = ties
 
     def forward(self, risk: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return cox_partial_likelihood_loss(risk, target[:, 0], target[:, 1], ties=self.ties)
+        weight = target[:, 2] if target.shape[1] > 2 else None
+        return cox_partial_likelihood_loss(
+            risk, target[:, 0], target[:, 1], ties=self.ties, weight=weight
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,11 +280,15 @@ class EventStratifiedLoader(DataLoader):
 # validation score
 # --------------------------------------------------------------------------------------------
 def _valid_cindex(net, X, y):
-    """Harrell's C of the network's risk on the validation set (nan without a comparable pair)."""
-    y = np.asarray(y, dtype=float).reshape(-1, 2)
+    """Harrell's C of the network's risk on the validation set (nan without a comparable pair);
+    rows (time, event[, sample weight])."""
+    y = np.asarray(y, dtype=float)
+    y = y.reshape(-1, y.shape[-1] if y.ndim == 2 else 2)
+    w = y[:, 2] if y.shape[1] > 2 else None
     risk = np.asarray(net.predict(X), dtype=float).reshape(-1)
     try:
-        return float(concordance_index(make_survival_target(y[:, 1] > 0.5, y[:, 0]), risk))
+        target = make_survival_target(y[:, 1] > 0.5, y[:, 0])
+        return float(concordance_index(target, risk, sample_weight=w))
     except ValueError:
         return float("nan")
 
@@ -272,15 +331,20 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
     gamma : float in (0, 1], default=0.7
         Layer-wise learning-rate decay: layer ``l`` trains with ``lr * gamma ** (L - l)``.
     lr : float, default=1e-3
-        Learning rate of the head, AdamW optimizer.
+        Learning rate of the head.
     weight_decay : float, default=1e-4
-        AdamW weight decay.
+    optimizer : {"adamw", "adam", "sgd"} or torch.optim.Optimizer subclass, default="adamw"
+    optimizer_params : dict or None, default=None
+        The optimizer of the layer-wise parameter groups and its further arguments, as for
+        the classifier (``"sgd"`` has ``momentum=0.9``).
     max_epochs : int, default=15
     batch_size : int, default=64
         Samples per training batch, and so per partial likelihood: the Cox loss compares a
         sample only with the samples of its batch. Larger batches approximate the full
         partial likelihood better; a warning says when fewer than 2 events per batch are
         expected.
+    num_workers : int, default=0
+        Worker processes of the training DataLoader; results do not depend on it.
     input_size : int or (int, int), default=96
     mode : {"2d", "2.5d", "3d"}, default="2d"
         Input kind, as for the classifier; with ``"3d"`` every slice is a training image with
@@ -291,8 +355,10 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
     windows : list of (level, width), optional
     percentiles : (float, float), default=(0.5, 99.5)
         Preprocessing parameters, the same as :class:`~skrtl.PretrainedCNNFeatures`.
-    augment : bool, default=False
-        Light augmentation of training batches (never at predict time).
+    augment : bool or callable, default=False
+        ``True``: the built-in light augmentation of training images (never at predict
+        time); a callable: a per-sample transform (torchvision v2, MONAI) with the contract
+        of the classifier's ``augment``.
     ties : {"efron", "breslow"}, default="efron"
         Handling of tied event times in the partial likelihood.
     early_stopping : bool, default=True
@@ -388,8 +454,11 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
         gamma=0.7,
         lr=1e-3,
         weight_decay=1e-4,
+        optimizer="adamw",
+        optimizer_params=None,
         max_epochs=15,
         batch_size=64,
+        num_workers=0,
         input_size=96,
         mode="2d",
         slices="orthogonal",
@@ -420,8 +489,11 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
         self.gamma = gamma
         self.lr = lr
         self.weight_decay = weight_decay
+        self.optimizer = optimizer
+        self.optimizer_params = optimizer_params
         self.max_epochs = max_epochs
         self.batch_size = batch_size
+        self.num_workers = num_workers
         self.input_size = input_size
         self.mode = mode
         self.slices = slices
@@ -477,7 +549,7 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
         return y
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         """Fine-tune the network on images ``X`` with survival target ``y``.
 
         Parameters
@@ -487,6 +559,13 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
             or an image frame from :func:`skrtl.make_image_frame`.
         y : structured array or DataFrame of shape (n,)
             Survival target (event, time), e.g. from :func:`skrtl.make_survival_target`.
+        sample_weight : array-like of shape (n,), optional
+            Non-negative sample weights of the weighted Cox partial likelihood (lifelines'
+            ``weights_col``, see :func:`cox_partial_likelihood_loss`), used for the training
+            and validation losses, the validation C-index, the Breslow baseline hazard and
+            ``risk_offset_``. Samples of weight 0 are left out, exactly as if they were not in
+            ``X`` (``survival_train_`` holds the others). Routed by metadata routing:
+            ``set_fit_request(sample_weight=True)``.
 
         Returns
         -------
@@ -496,6 +575,12 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
         data = self._read(X)
         n = len(data)
         target = self._check_target(y, n)
+        sw = self._check_fit_sample_weight(sample_weight, n)
+        if sw is not None and not np.any((sw > 0) & target["event"].astype(bool)):
+            raise ValueError(
+                "sample_weight is 0 for every sample with an event: the weighted Cox partial "
+                "likelihood needs at least one event of positive weight."
+            )
         event, time = target["event"].astype(bool), target["time"].astype(float)
         rows = np.column_stack([time, event.astype(float)])
         plan = self._fit_networks(
@@ -507,17 +592,22 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
             seed=root_seed(self.random_state),
             size=size,
             windows=windows,
+            sample_weight=sw,
         )
         raw = self._forward_members(plan.X_img, plan.owner, n, _risk_output).mean(0)[:, 0]
-        self.risk_offset_ = float(raw.mean())
+        w = None
+        if sw is not None:  # samples of weight 0 take no part, as if left out
+            keep = sw > 0
+            raw, event, time, w = raw[keep], event[keep], time[keep], sw[keep]
+        self.risk_offset_ = float(np.average(raw, weights=w))
         risk = raw - self.risk_offset_
         self.survival_train_ = make_survival_target(event, time)
         self.unique_times_, self.baseline_cumulative_hazard_ = breslow_cumulative_hazard(
-            self.survival_train_, risk
+            self.survival_train_, risk, sample_weight=w
         )
         self.baseline_survival_ = np.exp(-self.baseline_cumulative_hazard_)
         self.event_times_ = np.unique(time[event])
-        self.concordance_index_ = concordance_index(self.survival_train_, risk)
+        self.concordance_index_ = concordance_index(self.survival_train_, risk, sample_weight=w)
         return self
 
     # hooks of BaseFineTune

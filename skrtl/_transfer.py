@@ -150,7 +150,8 @@ class LayerwiseOptimizer:
         Layer index -> learning rate.
     layer_names : dict
         Layer index -> layer name (kept in each group as ``"layer_name"``).
-    weight_decay : float
+    weight_decay : float or None
+        ``None`` passes no ``weight_decay`` (for optimizers without one).
     optimizer : type, default=torch.optim.AdamW
         A torch optimizer class taking parameter groups.
     """
@@ -166,7 +167,8 @@ class LayerwiseOptimizer:
     def __call__(self, pgroups, lr=1e-3, **kwargs):
         optimizer = self.optimizer or torch.optim.AdamW
         params = [p for g in pgroups for p in g["params"]]
-        kwargs.setdefault("weight_decay", self.weight_decay)
+        if self.weight_decay is not None:  # None: an optimizer without weight decay
+            kwargs.setdefault("weight_decay", self.weight_decay)
         if len(params) != len(self.names):  # pragma: no cover - defensive
             warnings.warn(
                 "FineTuneClassifier: could not map parameters to layers; using one learning "
