@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from sklearn.base import ClassifierMixin, _fit_context
 from sklearn.model_selection import StratifiedKFold, train_test_split
+from sklearn.utils import _safe_indexing
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.validation import check_is_fitted
@@ -357,23 +358,19 @@ class BaseFineTune(BaseTorchImageEstimator):
 
         ``targets`` (one row per sample) becomes the skorch target of the sample's network
         images; ``strata`` (one label per sample) stratifies the validation folds. With
-        ``sample_weight`` (validated, positive sum), the samples of weight 0 take no part in
-        training or validation (exactly as if they had been left out) and the weights are
-        appended to the targets as their last column.
+        ``sample_weight`` (positive, see :meth:`_drop_zero_weights`), the weights are appended
+        to the targets as their last column.
         """
         self.device_ = str(resolve_device(self.device))
         self._optimizer_spec()  # refuse a bad optimizer before any work
         n_members = int(self.n_estimators)
-        keep = np.arange(len(data))
         if sample_weight is not None:
-            keep = np.flatnonzero(sample_weight > 0)
             w = torch.as_tensor(sample_weight, dtype=torch.float64)
             targets = torch.column_stack([targets.to(torch.float64), w])
-        splits = self._validation_splits(np.asarray(strata)[keep], seed, n_members)
+        splits = self._validation_splits(strata, seed, n_members)
         use_valid = splits is not None
         if splits is None:
-            splits = [(np.arange(keep.size), np.array([], dtype=int))] * n_members
-        splits = [(keep[tr], keep[va]) for tr, va in splits]
+            splits = [(np.arange(len(data)), np.array([], dtype=int))] * n_members
         plan = self._plan(
             data,
             targets,
@@ -601,6 +598,18 @@ class BaseFineTune(BaseTorchImageEstimator):
                 )
             weight_decay = None
         return cls, {**defaults, **params}, weight_decay
+
+    def _drop_zero_weights(self, X, data, sample_weight):
+        """``(data, keep)``: the image input without the samples of weight 0 and the indices of
+        the others (``keep`` is None when every weight is positive or there are none).
+
+        Samples of weight 0 are removed before anything is computed, so the fit is exactly
+        the one without them (preprocessing, validation folds, batches).
+        """
+        if sample_weight is None or np.all(sample_weight > 0):
+            return data, None
+        keep = np.flatnonzero(sample_weight > 0)
+        return self._read(_safe_indexing(X, keep)), keep
 
     def _check_fit_sample_weight(self, sample_weight, n: int):
         """Validated float64 sample weights of shape ``(n,)``, or None."""
@@ -1033,12 +1042,15 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
                     f"{self.classes_[totals <= 0].tolist()!r}; drop those samples from X and "
                     "y, or give some of them a positive weight."
                 )
+        data, keep = self._drop_zero_weights(X, data, sw)
+        if keep is not None:
+            y_arr, y_enc, sw = y_arr[keep], y_enc[keep], sw[keep]
         self._fit_networks(
             data,
             torch.as_tensor(y_enc, dtype=torch.int64),
             y_enc,
             n_out=len(self.classes_),
-            weight=self._class_weight_tensor(y, sw),
+            weight=self._class_weight_tensor(y_arr, sw),
             seed=root_seed(self.random_state),
             size=size,
             windows=windows,

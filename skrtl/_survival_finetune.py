@@ -581,6 +581,10 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
                 "sample_weight is 0 for every sample with an event: the weighted Cox partial "
                 "likelihood needs at least one event of positive weight."
             )
+        data, keep = self._drop_zero_weights(X, data, sw)
+        if keep is not None:
+            target, sw = target[keep], sw[keep]
+            n = len(data)
         event, time = target["event"].astype(bool), target["time"].astype(float)
         rows = np.column_stack([time, event.astype(float)])
         plan = self._fit_networks(
@@ -595,10 +599,7 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
             sample_weight=sw,
         )
         raw = self._forward_members(plan.X_img, plan.owner, n, _risk_output).mean(0)[:, 0]
-        w = None
-        if sw is not None:  # samples of weight 0 take no part, as if left out
-            keep = sw > 0
-            raw, event, time, w = raw[keep], event[keep], time[keep], sw[keep]
+        w = sw
         self.risk_offset_ = float(np.average(raw, weights=w))
         risk = raw - self.risk_offset_
         self.survival_train_ = make_survival_target(event, time)
