@@ -16,6 +16,10 @@ classification head, and adds what transfer learning on small medical data sets 
   computed once per image and only the remaining layers run during training;
 * class weights, internal stratified validation split with early stopping and best-weights
   restore, cosine learning-rate schedule, light augmentation (train only);
+* options: a per-sample training transform (``augment``: torchvision v2, MONAI or any
+  callable, seeded per sample from ``random_state``), the optimizer of the layer-wise groups
+  (``optimizer``, ``optimizer_params``), DataLoader workers (``num_workers``) and weighted
+  losses (``fit(..., sample_weight=...)``, routed by metadata routing);
 * a cross-fitted ensemble (``n_estimators`` networks, each with its own validation fold) and
   mirror-image test-time augmentation;
 * a fresh pretrained start in every ``fit`` (safe in ``GridSearchCV``), ``random_state``
