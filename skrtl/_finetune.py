@@ -366,7 +366,8 @@ class BaseFineTune(BaseTorchImageEstimator):
         to the targets as their last column.
         """
         self.device_ = str(resolve_device(self.device))
-        self._optimizer_spec()  # refuse a bad optimizer before any work
+        self._optimizer_spec()  # refuse a bad optimizer or transform before any work
+        self._check_augment()
         n_members = int(self.n_estimators)
         if sample_weight is not None:
             w = torch.as_tensor(sample_weight, dtype=torch.float64)
@@ -542,11 +543,9 @@ class BaseFineTune(BaseTorchImageEstimator):
             mean, std = [float(np.mean(mean))], [float(np.mean(std))]
         return mean, std
 
-    def _check_transform(self, plan: _FitPlan) -> None:
-        """Refuse a user transform that sklearn cannot clone or that changes the input."""
+    def _check_augment(self) -> None:
+        """Refuse a user transform that scikit-learn cannot clone."""
         transform = self._train_transform()
-        if transform is None or isinstance(transform, LightAugment):
-            return
         if hasattr(transform, "get_params") and not hasattr(transform, "set_params"):
             raise ValueError(
                 f"augment={transform!r} has a get_params method that is not scikit-learn's "
@@ -555,6 +554,12 @@ class BaseFineTune(BaseTorchImageEstimator):
                 "estimator. Wrap the transform in a container: "
                 "augment=torchvision.transforms.v2.Compose([transform])."
             )
+
+    def _check_transform(self, plan: _FitPlan) -> None:
+        """Refuse a user transform that changes the shape or dtype of a network image."""
+        transform = self._train_transform()
+        if transform is None or isinstance(transform, LightAugment):
+            return
         x = plan.X_img[0]
         mean, std = self._input_normalisation()
         shape = (-1,) + (1,) * (x.ndim - 1)
