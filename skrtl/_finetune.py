@@ -1078,9 +1078,11 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
                     f"class_weight has labels {sorted(unknown, key=str)!r} that are not "
                     f"in y (classes: {self.classes_.tolist()!r})."
                 )
-        weight = compute_class_weight(
-            cw, classes=self.classes_, y=np.asarray(y), sample_weight=sample_weight
-        )
+        if cw == "balanced" and sample_weight is not None:  # weighted class totals
+            totals = np.array([sample_weight[np.asarray(y) == c].sum() for c in self.classes_])
+            weight = totals.sum() / (len(self.classes_) * totals)
+        else:
+            weight = compute_class_weight(cw, classes=self.classes_, y=np.asarray(y))
         return torch.as_tensor(weight, dtype=torch.float32)
 
     # hooks of BaseFineTune

@@ -19,6 +19,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_validat
 from sklearn.pipeline import Pipeline
 from sklearn.utils._param_validation import InvalidParameterError
 from torch import nn
+from torchvision.transforms import v2
 
 from skrtl import (
     FineTuneClassifier,
@@ -28,8 +29,6 @@ from skrtl import (
 )
 from skrtl._callbacks import _valid_acc, _valid_auc
 from skrtl._finetune import SampleWeightedCrossEntropy
-
-v2 = pytest.importorskip("torchvision.transforms.v2")
 
 SIZE = 32
 
