@@ -197,7 +197,9 @@ def test_monai_transform_when_installed():
     )
     a = _clf(augment=aug).fit(X, y).predict_proba(X)
     b = _clf(augment=aug).fit(X, y).predict_proba(X)
-    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, b)  # seeded through set_random_state
+    assert not np.allclose(a, _clf().fit(X, y).predict_proba(X))
+    assert not np.allclose(a, _clf(augment=aug, random_state=1).fit(X, y).predict_proba(X))
 
 
 # --------------------------------------------------------------------------------------------
