@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import sklearn
 import torch
+from sklearn.base import clone
 from sklearn.metrics import get_scorer, roc_auc_score
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_validate
 from sklearn.pipeline import Pipeline
@@ -111,6 +112,10 @@ def test_torchvision_augment_is_reproducible_and_disables_the_prefix_cache():
     assert not np.allclose(a.predict_proba(X), plain.predict_proba(X))
     assert a.history_[0]["train_loss"] != c.history_[0]["train_loss"]
     assert a.augment is aug  # the parameter itself is not changed by fit
+    twin = clone(a)  # GridSearchCV / cross_validate clone the transform with the estimator
+    assert isinstance(twin.augment, v2.Compose) and twin.augment is not aug
+    again = pickle.loads(pickle.dumps(a))
+    np.testing.assert_array_equal(again.predict_proba(X), a.predict_proba(X))
 
 
 def test_augment_applies_to_training_images_only_in_zero_one_scale():
