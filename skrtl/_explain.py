@@ -487,7 +487,9 @@ def explain(
         The images to explain (a handful: every image costs a few forward and backward
         passes per ensemble member, Score-CAM one forward pass per channel).
     method : {"auto", "gradcam", "gradcam++", "scorecam", "occlusion", "cam"}, default="auto"
-        Networks: ``"gradcam"`` (the default), ``"gradcam++"``, ``"scorecam"`` (gradient-free
+        Networks: ``"gradcam"`` (the default), ``"gradcam++"`` (its maps can follow the
+        layer's activations more than the model's evidence and fail the model-randomisation
+        check: verify with :func:`skrtl.randomization_test`), ``"scorecam"`` (gradient-free
         class activation map; costs one forward pass per channel of the layer), or
         ``"occlusion"`` (gradient-free: the drop of the target logit when a patch is
         replaced by the mean intensity). Linear probes: ``"cam"`` (the default).
