@@ -102,7 +102,7 @@ def suggest_strategy(
 
     Examples
     --------
-    >>> from skrtl._advisor import suggest_strategy
+    >>> from skrtl import suggest_strategy
     >>> suggest_strategy(60).strategy
     'linear_probe'
     >>> advice = suggest_strategy(600, domain_gap="high")

@@ -226,7 +226,7 @@ class TemperatureScaling(_ScalingCalibrator):
     Examples
     --------
     >>> import numpy as np
-    >>> from skrtl._calibration import TemperatureScaling
+    >>> from skrtl import TemperatureScaling
     >>> logits = np.array([[4.0, -4.0], [-4.0, 4.0], [4.0, -4.0], [-4.0, 4.0]])
     >>> ts = TemperatureScaling().fit(logits, [0, 1, 1, 0])
     >>> bool(ts.temperature_ > 1)

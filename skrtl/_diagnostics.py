@@ -114,7 +114,7 @@ def proxy_a_distance(
     Examples
     --------
     >>> import numpy as np
-    >>> from skrtl._diagnostics import proxy_a_distance
+    >>> from skrtl import proxy_a_distance
     >>> rng = np.random.default_rng(0)
     >>> pad = proxy_a_distance(rng.normal(size=(100, 3)), rng.normal(2, 1, size=(100, 3)),
     ...                        random_state=0)
@@ -210,7 +210,7 @@ def mmd_test(
     Examples
     --------
     >>> import numpy as np
-    >>> from skrtl._diagnostics import mmd_test
+    >>> from skrtl import mmd_test
     >>> rng = np.random.default_rng(0)
     >>> res = mmd_test(rng.normal(size=(80, 5)), rng.normal(0.7, 1, size=(80, 5)),
     ...                n_permutations=200, random_state=0)
@@ -578,7 +578,7 @@ def diagnose_shift(
     Examples
     --------
     >>> import numpy as np
-    >>> from skrtl._diagnostics import diagnose_shift
+    >>> from skrtl import diagnose_shift
     >>> rng = np.random.default_rng(0)
     >>> ys = rng.integers(0, 2, 300); yt = (rng.random(300) < 0.2).astype(int)
     >>> Xs = rng.normal(size=(300, 4)) + 2.0 * ys[:, None]

@@ -384,7 +384,7 @@ def prior_shift_class_weight(y, target_priors, *, source_priors=None) -> dict:
 
     Examples
     --------
-    >>> from skrtl._label_shift import prior_shift_class_weight
+    >>> from skrtl import prior_shift_class_weight
     >>> prior_shift_class_weight([0, 0, 0, 1], {0: 0.5, 1: 0.5})
     {0: 0.666..., 1: 2.0}
     """
@@ -505,7 +505,7 @@ class LabelShiftAdapter(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     --------
     >>> import numpy as np
     >>> from sklearn.linear_model import LogisticRegression
-    >>> from skrtl._label_shift import LabelShiftAdapter
+    >>> from skrtl import LabelShiftAdapter
     >>> rng = np.random.default_rng(0)
     >>> y = rng.integers(0, 2, 400)
     >>> X = rng.normal(size=(400, 2)) + 1.5 * y[:, None]

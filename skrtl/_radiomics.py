@@ -250,7 +250,7 @@ class RadiomicsFeatures(PassthroughMixin, TransformerMixin, BaseEstimator):
     --------
     >>> import numpy as np
     >>> from skrtl import make_image_frame
-    >>> from skrtl._radiomics import RadiomicsFeatures
+    >>> from skrtl import RadiomicsFeatures
     >>> rng = np.random.default_rng(0)
     >>> images = rng.normal(100, 20, size=(3, 32, 32))
     >>> masks = np.zeros((3, 32, 32), bool)

@@ -818,7 +818,7 @@ class CoxPHSurvival(ProportionalHazardsMixin, BaseEstimator):
     Examples
     --------
     >>> from lifelines.datasets import load_rossi
-    >>> from skrtl._survival import CoxPHSurvival, make_survival_target
+    >>> from skrtl import CoxPHSurvival, make_survival_target
     >>> df = load_rossi()
     >>> y = make_survival_target(df.pop("arrest"), df.pop("week"))
     >>> model = CoxPHSurvival(penalizer=0.01).fit(df, y)
