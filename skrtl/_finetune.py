@@ -152,6 +152,7 @@ def fit_member(estimator, plan: _FitPlan, *, seed: int, train_idx, valid_idx):
         for pname, p in model.named_parameters():
             p.requires_grad_(pname not in plan.frozen_params)
         module = TransferModule(model).to(device)
+        module.autocast_dtype = torch.bfloat16 if estimator.precision == "bf16" else None
         if plan.n_prefix and plan.X_prefix is not None:
             X_net = plan.X_prefix
         elif plan.n_prefix:  # random weights: every member has its own prefix
@@ -224,6 +225,7 @@ class BaseFineTune(BaseTorchImageEstimator):
         "optimizer": [StrOptions(set(_OPTIMIZERS)), type],
         "optimizer_params": [dict, None],
         "num_workers": [Interval(Integral, 0, None, closed="left")],
+        "precision": [StrOptions({"fp32", "bf16"})],
         "early_stopping": ["boolean"],
         "patience": [Interval(Integral, 1, None, closed="left")],
         "validation_fraction": [Interval(Real, 0, 0.5, closed="right"), None],
@@ -780,6 +782,12 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         ``weight_decay`` are parameters of the estimator and cannot be set here.
     max_epochs : int, default=15
     batch_size : int, default=32
+    precision : {"fp32", "bf16"}, default="fp32"
+        Arithmetic of the network's forward passes in training and prediction. ``"bf16"``
+        runs them under bfloat16 autocast (``torch.autocast``; weights, gradients and the
+        optimizer stay float32), faster on CPUs with bfloat16 kernels (AVX512-BF16 / AMX) and
+        on GPUs; the frozen-prefix cache is computed in float32 either way. The benchmark in
+        ``docs/benchmarks.md`` gives the measured speed and accuracy; fp32 is the default.
     num_workers : int, default=0
         Worker processes of the training DataLoader (``0``: load in the main process). The
         network inputs are preprocessed once before training, so workers pay off when a
@@ -950,6 +958,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         windows=None,
         percentiles=(0.5, 99.5),
         augment=False,
+        precision="fp32",
         class_weight=None,
         early_stopping=True,
         patience=5,
@@ -985,6 +994,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         self.windows = windows
         self.percentiles = percentiles
         self.augment = augment
+        self.precision = precision
         self.class_weight = class_weight
         self.early_stopping = early_stopping
         self.patience = patience

@@ -343,6 +343,12 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
         sample only with the samples of its batch. Larger batches approximate the full
         partial likelihood better; a warning says when fewer than 2 events per batch are
         expected.
+    precision : {"fp32", "bf16"}, default="fp32"
+        Arithmetic of the network's forward passes in training and prediction. ``"bf16"``
+        runs them under bfloat16 autocast (``torch.autocast``; weights, gradients and the
+        optimizer stay float32), faster on CPUs with bfloat16 kernels (AVX512-BF16 / AMX) and
+        on GPUs; the frozen-prefix cache is computed in float32 either way. The benchmark in
+        ``docs/benchmarks.md`` gives the measured speed and accuracy; fp32 is the default.
     num_workers : int, default=0
         Worker processes of the training DataLoader; results do not depend on it.
     input_size : int or (int, int), default=96
@@ -467,6 +473,7 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
         windows=None,
         percentiles=(0.5, 99.5),
         augment=False,
+        precision="fp32",
         ties="efron",
         early_stopping=True,
         patience=5,
@@ -502,6 +509,7 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
         self.windows = windows
         self.percentiles = percentiles
         self.augment = augment
+        self.precision = precision
         self.ties = ties
         self.early_stopping = early_stopping
         self.patience = patience

@@ -218,13 +218,15 @@ class TransferModule(nn.Module):
     """A timm classifier that can start from the cached output of its frozen prefix.
 
     ``start`` > 0 makes ``forward`` take the output of the first ``start`` stages
-    (frozen-prefix caching, see :func:`prefix_stages`) instead of images.
+    (frozen-prefix caching, see :func:`prefix_stages`) instead of images. ``autocast_dtype``
+    (``torch.bfloat16`` or ``None``) runs ``forward`` under autocast and returns float32.
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self.start = 0
+        self.autocast_dtype = None
 
     def stages(self):
         return stage_list(self.model)
@@ -236,6 +238,14 @@ class TransferModule(nn.Module):
         return x
 
     def forward(self, x):
+        dtype = getattr(self, "autocast_dtype", None)  # modules pickled before it existed
+        if dtype is None:
+            return self._forward(x)
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
+            out = self._forward(x)
+        return out.float()
+
+    def _forward(self, x):
         if self.start == 0:
             return self.model(x)
         x = self.forward_stages(x, self.start)

@@ -472,3 +472,29 @@ def test_sample_weight_is_routed_in_pipeline_grid_search_and_cross_validate():
     np.testing.assert_array_equal(
         routed.predict(X), _surv().fit(X, target, sample_weight=sw).predict(X)
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# precision: bfloat16 autocast of the forward passes
+# ---------------------------------------------------------------------------------------------
+def test_bf16_autocast_trains_close_to_fp32_and_returns_float32():
+    X, y = _data(16)
+    fp32 = _clf(max_epochs=2).fit(X, y)
+    bf16 = _clf(max_epochs=2, precision="bf16").fit(X, y)
+    assert bf16.net_.module_.autocast_dtype is torch.bfloat16
+    assert fp32.net_.module_.autocast_dtype is None
+    p32, p16 = fp32.predict_proba(X), bf16.predict_proba(X)
+    assert p16.dtype == p32.dtype and np.isfinite(p16).all()
+    # the same seed and data: bfloat16 rounding moves the probabilities a little, not a lot
+    assert np.abs(p16 - p32).max() < 0.1
+    assert not np.array_equal(p16, p32)  # autocast really ran
+    # the weights and the optimizer stay float32
+    assert all(p.dtype == torch.float32 for p in bf16.net_.module_.parameters())
+    restored = pickle.loads(pickle.dumps(bf16))
+    np.testing.assert_array_equal(restored.predict_proba(X), p16)
+
+
+def test_precision_is_validated():
+    X, y = _data(8)
+    with pytest.raises(InvalidParameterError, match="precision"):
+        _clf(precision="fp16").fit(X, y)
