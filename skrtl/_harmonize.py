@@ -35,8 +35,10 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._base import (
     DEFAULT_SITE_COLUMN,
+    SHIFT_CHECK_ROWS,
     HarmonizationWarning,
     ImageEstimatorMixin,
+    check_shift_change,
     resolve_unseen,
     site_labels,
     unseen_constraint,
@@ -298,6 +300,27 @@ def _monotone_map(values, src_q, ref_q):
     return out.astype(np.float32)
 
 
+def _shift_descriptor(inp: ImageInput, mode: str, use_mask: bool) -> np.ndarray:
+    """Per image: quantiles of the gradient magnitude (contrast, noise and sharpness).
+
+    Matching fixes the intensity quantiles by construction; what it can make worse is the
+    texture of the images in the reference's intensity units.
+    """
+    out = np.empty((len(inp), 5))
+    for i, img in enumerate(inp.images):
+        img = np.asarray(img, dtype=np.float64)
+        if img.ndim == 3 and mode == "2d":  # channel-last: grey level of the channels
+            img = img.mean(axis=-1)
+        grads = np.gradient(img) if min(img.shape) > 1 else [np.zeros_like(img)]
+        grad = np.sqrt(sum(g * g for g in grads))
+        m = None
+        if use_mask and inp.masks is not None and inp.masks[i] is not None:
+            m = np.asarray(inp.masks[i], dtype=bool).reshape(img.shape)
+        gvals = grad[m] if m is not None else grad.ravel()
+        out[i] = np.percentile(gvals, [10, 25, 50, 75, 90])
+    return out
+
+
 class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
     """Match each image's (or each site's) intensity distribution to a reference.
 
@@ -330,6 +353,15 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
         if they already had the reference distribution (``"reference"``); or take its
         quantiles from its images in the transformed batch (``"batch"``), with a
         :class:`HarmonizationWarning`.
+    check_shift : bool, default=True
+        In ``transform``, measure for each site of the batch (the whole batch without site
+        labels) the discrepancy of its texture to that of the training images (squared MMD
+        of per-image quantiles of the gradient magnitude: contrast, noise and sharpness),
+        before and after matching, on at most 200 random images of each, and issue a
+        :class:`HarmonizationWarning` when matching *increased* it
+        (:func:`skrtl._base.check_shift_change`). Matching fixes the intensity quantiles by
+        construction, but can make the texture less like the reference's (e.g. images with
+        a black border or saturated regions: the rest is compressed).
 
     Attributes
     ----------
@@ -347,6 +379,7 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
         "use_mask": ["boolean"],
         "site_column": [str],
         "unseen": unseen_constraint(),
+        "check_shift": ["boolean"],
     }
 
     def __init__(
@@ -359,6 +392,7 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
         use_mask=True,
         site_column=DEFAULT_SITE_COLUMN,
         unseen="error",
+        check_shift=True,
     ):
         self.n_quantiles = n_quantiles
         self.quantile_range = quantile_range
@@ -367,6 +401,7 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
         self.use_mask = use_mask
         self.site_column = site_column
         self.unseen = unseen
+        self.check_shift = check_shift
 
     def _quantiles(self, inp: ImageInput) -> np.ndarray:
         out = np.empty((len(inp), self.levels_.size))
@@ -418,12 +453,66 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
             sites = self._sites(X, "level='site'")
             for s in sorted(set(sites)):
                 self.site_quantiles_[s] = q[sites == s].mean(axis=0)
+        self._shift_reference = None
+        if self.check_shift:
+            rows = self._check_rows(len(inp))
+            Xr = X.iloc[rows] if isinstance(X, pd.DataFrame) else np.asarray(X)[rows]
+            inp_r = _read(Xr, "HistogramMatcher")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", HarmonizationWarning)
+                mapped = self._mapped(Xr, inp_r)
+            self._shift_reference = (self._descriptor(Xr, inp_r), self._descriptor(Xr, mapped))
         return self
+
+    @staticmethod
+    def _check_rows(n, rows=None):
+        rows = np.arange(n) if rows is None else np.asarray(rows)
+        if rows.size <= SHIFT_CHECK_ROWS:
+            return rows
+        return np.sort(np.random.default_rng(0).choice(rows, SHIFT_CHECK_ROWS, replace=False))
+
+    def _descriptor(self, X, inp: ImageInput) -> np.ndarray:
+        return _shift_descriptor(inp, _guess_mode(X), self.use_mask)
 
     def transform(self, X):
         """Map intensities onto the reference distribution (same container as ``X``)."""
         check_is_fitted(self, "reference_quantiles_")
         inp = _read(X, "HistogramMatcher")
+        images = self._mapped(X, inp).images
+        if self.check_shift and getattr(self, "_shift_reference", None) is not None:
+            self._check_batch(X, inp, images)
+        return _rebuild(X, images, name="HistogramMatcher", frame_out=self._frame_out())
+
+    def _check_batch(self, X, inp: ImageInput, images) -> None:
+        """Warn for each site of the batch whose shift to the training images grew."""
+        sites = site_labels(X, site_column=self.site_column, name="HistogramMatcher")
+        groups = (
+            {None: np.arange(len(inp))}
+            if sites is None
+            else {s: np.flatnonzero(sites == s) for s in sorted(set(sites))}
+        )
+        mode = _guess_mode(X)
+        ref_before, ref_after = self._shift_reference
+        for site, rows in groups.items():
+            rows = self._check_rows(len(inp), rows)
+            if rows.size < 2:
+                continue
+            raw = ImageInput(
+                images=[inp.images[i] for i in rows],
+                masks=None if inp.masks is None else [inp.masks[i] for i in rows],
+            )
+            mapped = ImageInput(images=[images[i] for i in rows], masks=raw.masks)
+            check_shift_change(
+                (ref_before, _shift_descriptor(raw, mode, self.use_mask)),
+                (ref_after, _shift_descriptor(mapped, mode, self.use_mask)),
+                name="HistogramMatcher",
+                what="the transformed images" if site is None else f"site {site!r}",
+                what_reference="the training images (texture: gradient quantiles)",
+                stacklevel=5,
+            )
+
+    def _mapped(self, X, inp: ImageInput) -> ImageInput:
+        """The images of ``inp`` mapped onto the reference (masks kept)."""
         ref = self.reference_quantiles_
         if self.level == "image":
             src = self._quantiles(inp)
@@ -455,7 +544,7 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
             for s, qs in self.site_quantiles_.items():
                 src[sites == s] = qs
         images = [_monotone_map(img, src[i], ref) for i, img in enumerate(inp.images)]
-        return _rebuild(X, images, name="HistogramMatcher", frame_out=self._frame_out())
+        return ImageInput(images=images, masks=inp.masks)
 
 
 # --------------------------------------------------------------------------------------------
