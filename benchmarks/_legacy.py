@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import importlib
 
-from _common import flat_summary
-
 ISSUES = {
     "features": 3,
     "harmonize": 4,
@@ -23,7 +21,6 @@ ISSUES = {
     "label_shift": 6,
     "search": 7,
     "fusion": 9,
-    "survival": 9,
 }
 
 
@@ -164,49 +161,6 @@ def _search(old: dict) -> dict:
     }
 
 
-def _survival(old: dict) -> dict:
-    # bench_survival.py is not on the harness yet: its summary is built here
-    rows = [
-        {"section": "model", "model": m, **s, "per_fold_harrell": old["per_fold_harrell"][m]}
-        for m, s in old["summary"].items()
-    ]
-    oof = old["out_of_fold_first_repeat"]
-    rows += [
-        {
-            "section": "out_of_fold_first_repeat",
-            "model": m,
-            "harrell": c,
-            "km_logrank_p_high_vs_low": oof["km_logrank_p_high_vs_low"].get(m),
-        }
-        for m, c in oof["harrell"].items()
-    ]
-    rows += [
-        {"section": "most_selected_feature", "feature": f, "n_folds": n}
-        for f, n in old["most_selected_features_radiomics"].items()
-    ]
-    rows.append({"section": "total", "seconds": old["seconds"]})
-    keys = ("data", "seed", "n_patients", "n_events", "n_radiomic_features", "cv", "uno_tau_days")
-    metrics = [
-        "harrell_mean",
-        "uno_tau2y_mean",
-        "harrell_minus_clinical_mean",
-        "folds_better_than_clinical",
-    ]
-    summary = flat_summary(rows, section="model", keys=["model"], metrics=metrics)
-    km = ["km_logrank_p_high_vs_low"]
-    summary.update(
-        flat_summary(rows, section="out_of_fold_first_repeat", keys=["model"], metrics=km)
-    )
-    summary.update(flat_summary(rows, section="total", keys=["section"], metrics=["seconds"]))
-    return {
-        "machine": {"description": old.get("hardware")},
-        "config": {k: old[k] for k in keys if k in old},
-        "results": rows,
-        "summary": summary,
-        "notes": [f"Kaplan-Meier plot: {oof['km_plot']}"] if "km_plot" in oof else [],
-    }
-
-
 def _flatten(prefix: str, obj, out: dict) -> None:
     if isinstance(obj, dict):
         for key, val in obj.items():
@@ -234,7 +188,6 @@ CONVERTERS = {
     "harmonize": _harmonize,
     "label_shift": _label_shift,
     "search": _search,
-    "survival": _survival,
 }
 
 

@@ -42,14 +42,18 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.base import BaseEstimator
+from sklearn.utils import check_array
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._set_output import _get_output_config
 from torch import nn
 
 from ._imaging import ImageInput, read_image_frame
 from ._preprocess import INTENSITY_METHODS, ImagePreprocessor
+from .utils import missing_rows
 
 __all__ = [
     "DEFAULT_SITE_COLUMN",
+    "PassthroughMixin",
     "MIN_IMAGE_SIDE",
     "UNSEEN_OPTIONS",
     "BaseTorchImageEstimator",
@@ -61,6 +65,7 @@ __all__ = [
     "measure_shift",
     "resolve_unseen",
     "site_labels",
+    "split_site_features",
     "unseen_constraint",
 ]
 
@@ -225,13 +230,18 @@ class BaseTorchImageEstimator(TorchNetworkMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ input
     def _read(self, X) -> ImageInput:
-        """Validated image input; images smaller than :data:`MIN_IMAGE_SIDE` are refused."""
+        """Validated image input; images smaller than :data:`MIN_IMAGE_SIDE` are refused.
+
+        A file frame (:func:`skrtl.read_cohort`) is read lazily: the checks here use the file
+        headers, and each case is loaded when the preprocessing reaches it.
+        """
         data = read_image_frame(X, mode=self.mode, estimator_name=type(self).__name__)
-        for i, img in enumerate(data.images):
-            spatial = img.shape[:2] if self.mode == "2d" else img.shape[1:]
+        for i in range(len(data)):
+            shape = data.shape(i)
+            spatial = shape[:2] if self.mode == "2d" else shape[1:]
             if min(spatial) < MIN_IMAGE_SIDE:
                 raise ValueError(
-                    f"image {i} has spatial shape {tuple(img.shape)!r}: sides below "
+                    f"{data.case_name(i)} has spatial shape {tuple(shape)!r}: sides below "
                     f"{MIN_IMAGE_SIDE} px cannot be resized meaningfully to "
                     f"input_size={self.input_size!r}. Crop larger regions or drop the sample."
                 )
@@ -245,10 +255,10 @@ class BaseTorchImageEstimator(TorchNetworkMixin, BaseEstimator):
             return self.n_slices * (len(windows) if windows else 1)
         if windows:
             return len(windows)
-        chans = {
-            int(img.shape[2]) if (self.mode == "2d" and img.ndim == 3) else 1
-            for img in data.images
-        }
+        chans = set()
+        for i in range(len(data)):
+            shape = data.shape(i)
+            chans.add(int(shape[2]) if (self.mode == "2d" and len(shape) == 3) else 1)
         if len(chans) != 1:
             raise ValueError(
                 f"{type(self).__name__}: the images have different numbers of channels "
@@ -285,6 +295,87 @@ class BaseTorchImageEstimator(TorchNetworkMixin, BaseEstimator):
                 f"{self.backbone!r} accepts (its total stride); use input_size >= {min_size} "
                 "(224 is the pretraining size)."
             )
+
+
+# --------------------------------------------------------------------------------------------
+# frame columns passed through feature extractors
+# --------------------------------------------------------------------------------------------
+class PassthroughMixin:
+    """``passthrough``: frame columns (site, clinical covariates) appended to the features.
+
+    A feature extractor of images (CNN or radiomics features) reads an image frame and
+    returns a feature matrix; the frame's other columns would be lost. With
+    ``passthrough=["site", "age"]`` they are appended, unchanged, after the features, so that
+    the next Pipeline step sees them: :class:`~skrtl.ComBatHarmonizer` reads its ``site``
+    column, clinical covariates reach the model. Non-numeric columns need a DataFrame
+    output (``set_output(transform="pandas")``); a numeric array cannot hold them.
+
+    The estimator defines ``passthrough`` and calls :meth:`_fit_passthrough` in ``fit`` and
+    :meth:`_with_passthrough` at the end of ``transform``.
+    """
+
+    def _passthrough_columns(self) -> list[str]:
+        cols = self.passthrough
+        if cols is None:
+            return []
+        if isinstance(cols, str):
+            cols = [cols]
+        cols = list(cols)
+        if not all(isinstance(c, str) for c in cols):
+            raise ValueError(
+                f"passthrough must be None, a column name or a list of column names, got "
+                f"{self.passthrough!r}."
+            )
+        if len(set(cols)) != len(cols):
+            raise ValueError(f"passthrough has duplicate columns: {self.passthrough!r}.")
+        return cols
+
+    def _check_passthrough_input(self, X, cols: list[str]) -> None:
+        name = type(self).__name__
+        if not isinstance(X, pd.DataFrame):
+            raise ValueError(
+                f"{name}(passthrough={self.passthrough!r}) needs an image frame (DataFrame) "
+                f"that holds those columns, got {type(X).__name__}."
+            )
+        missing = [c for c in cols if c not in X.columns]
+        if missing:
+            raise ValueError(
+                f"{name}: passthrough columns {missing!r} are not in the image frame (columns: "
+                f"{list(X.columns)!r})."
+            )
+        if _get_output_config("transform", self)["dense"] != "pandas":
+            bad = [c for c in cols if not _is_numeric(X[c])]
+            if bad:
+                raise ValueError(
+                    f"{name}: passthrough column(s) {bad!r} are not numeric (dtype "
+                    f"{X[bad[0]].dtype}), so a numeric feature array cannot hold them. Call "
+                    f"set_output(transform='pandas') on {name} or on the whole Pipeline to get "
+                    "a DataFrame, or pass only numeric columns."
+                )
+
+    def _fit_passthrough(self, X) -> None:
+        cols = self._passthrough_columns()
+        if cols:
+            self._check_passthrough_input(X, cols)
+        self.passthrough_ = cols
+
+    def _with_passthrough(self, F: np.ndarray, X, feature_names):
+        """The features ``F``, followed by the passthrough columns of ``X``."""
+        cols = getattr(self, "passthrough_", [])
+        if not cols:
+            return F
+        self._check_passthrough_input(X, cols)
+        if _get_output_config("transform", self)["dense"] == "pandas":
+            out = pd.DataFrame(F, columns=list(feature_names), index=X.index)
+            for c in cols:
+                out[c] = X[c].to_numpy()
+            return out
+        extra = X[cols].to_numpy(dtype=np.float64)
+        return np.hstack([F.astype(np.float64), extra])
+
+
+def _is_numeric(col: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_complex_dtype(col)
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,9 +438,8 @@ def site_labels(X, *, site_column, sample_domain=None, name: str = "estimator"):
         source = f"column {site_column!r}"
     else:
         return None
-    missing = pd.isna(pd.Series(raw, dtype=object)).to_numpy()
-    if missing.any():
-        rows = np.flatnonzero(missing)
+    rows = missing_rows(raw)
+    if rows.size:
         raise ValueError(
             f"{name}: the site labels ({source}) are missing (NaN / None) for {rows.size} rows "
             f"(first rows {rows[:5].tolist()!r}); every row needs a site. Label them (e.g. "
@@ -499,3 +589,105 @@ def check_shift_change(
         p_after=pa,
         increased=increased,
     )
+
+
+def _check_finite_features(X: np.ndarray, names: list[str], estimator_name: str) -> None:
+    """Raise naming the first rows and columns of NaN / infinite features."""
+    bad = ~np.isfinite(X)
+    if bad.any():
+        rows, cols = np.nonzero(bad)
+        where = ", ".join(f"row {r} column {names[c]!r}" for r, c in list(zip(rows, cols))[:5])
+        raise ValueError(
+            f"{estimator_name}: the features contain {int(bad.sum())} NaN or infinite values "
+            f"({where}{', ...' if bad.sum() > 5 else ''}). Impute them first (e.g. "
+            "sklearn.impute.SimpleImputer before this step) or drop those rows or columns."
+        )
+
+
+def split_site_features(
+    est,
+    X,
+    *,
+    sample_domain=None,
+    fitting: bool,
+    exclude=(),
+    what: str = "every column except the site column",
+):
+    """Features, site labels and feature names of a site-aware step on tabular features.
+
+    A DataFrame ``X`` gives its ``est.site_column`` column as the sites (dropped from the
+    features) and may hold ``exclude`` columns (e.g. covariates, also dropped); an array is all
+    features. ``sample_domain`` (routed) overrides the column and must agree with it when both
+    are given. With ``fitting`` the input columns are recorded on ``est``
+    (``feature_names_in_``, ``n_features_in_``, ``_n_feature_columns_``); otherwise they are
+    checked against them.
+
+    Returns
+    -------
+    X_features : ndarray of float64, shape (n_samples, n_features)
+    sites : ndarray of str or None
+    feature_names : list of str
+    """
+    name = type(est).__name__
+    col = est.site_column
+    if isinstance(X, pd.DataFrame):
+        names = [str(c) for c in X.columns]
+        if fitting:
+            est.feature_names_in_ = np.asarray(names, dtype=object)
+            est.n_features_in_ = len(names)
+        elif hasattr(est, "feature_names_in_") and names != list(est.feature_names_in_):
+            raise ValueError(
+                f"{name}: the columns of X differ from those seen in fit ({names[:6]!r}... vs "
+                f"{list(est.feature_names_in_)[:6]!r}...). Pass the same columns, in the same "
+                "order."
+            )
+        missing = [c for c in exclude if c not in X.columns]
+        if missing:
+            raise ValueError(
+                f"{name}: columns {missing!r} are not in X (columns: {names[:8]!r}...). Add "
+                "them to X or drop them from the parameters."
+            )
+        drop = list(exclude) + ([col] if col is not None and col in X.columns else [])
+        feats = X.drop(columns=drop)
+        bad = [
+            c
+            for c in feats.columns
+            if not pd.api.types.is_numeric_dtype(feats[c]) or pd.api.types.is_bool_dtype(feats[c])
+        ]
+        if bad:
+            raise ValueError(
+                f"{name}: columns {bad[:5]!r} of X are not numeric features. {name} uses {what} "
+                f"(site_column={col!r}) as features; drop the others or declare them."
+            )
+        feature_names = [str(c) for c in feats.columns]
+        values = feats.to_numpy(dtype=np.float64)
+    else:
+        if exclude:
+            raise ValueError(
+                f"{name}: {list(exclude)!r} name DataFrame columns but X is an array; pass a "
+                "DataFrame (or route the values as metadata)."
+            )
+        values = check_array(X, dtype=np.float64, ensure_all_finite=False)
+        if fitting:
+            est.n_features_in_ = values.shape[1]
+            if hasattr(est, "feature_names_in_"):
+                del est.feature_names_in_
+        feature_names = [f"x{i}" for i in range(values.shape[1])]
+    _check_finite_features(values, feature_names, name)
+    Xf = check_array(values, dtype=np.float64, ensure_min_samples=1)
+    if fitting:
+        est._n_feature_columns_ = Xf.shape[1]
+    elif Xf.shape[1] != getattr(est, "_n_feature_columns_", Xf.shape[1]):
+        raise ValueError(
+            f"X has {Xf.shape[1]} features, but {name} is expecting "
+            f"{est._n_feature_columns_} features as input."
+        )
+    sites = site_labels(X, site_column=col, sample_domain=sample_domain, name=name)
+    if sample_domain is not None and isinstance(X, pd.DataFrame) and col in X.columns:
+        own = site_labels(X, site_column=col, name=name)
+        if not np.array_equal(own, sites):
+            raise ValueError(
+                f"{name}: sample_domain disagrees with X[{col!r}]; give the sites once (either "
+                "the column or sample_domain)."
+            )
+    return Xf, sites, feature_names

@@ -45,6 +45,7 @@ from ._io import (
     read_mask,
     select_label,
 )
+from .utils import is_missing_cell, is_path_cell
 
 __all__ = [
     "COHORT_COLUMNS",
@@ -59,6 +60,9 @@ __all__ = [
 #: Columns a cohort frame may carry that are not clinical covariates.
 COHORT_COLUMNS = ("image", "mask", "mask_label", "series_uid", "spacing", "site")
 _VALIDATE = ("none", "exists", "header", "full")
+#: frame attribute (``frame.attrs``) with the reader settings of :func:`read_cohort`
+#: (orientation, geometry tolerance, mask resampling), used when cases are loaded later
+LOADER_ATTR = "skrtl_loader"
 _PYRADIOMICS_HEADERS = {"image": "Image", "mask": "Mask"}
 
 
@@ -77,19 +81,8 @@ class CohortError(ValueError):
         self.errors = errors
 
 
-def _is_missing(cell) -> bool:
-    """An empty table cell: None, NaN, pd.NA or a blank string (never an array or a tuple)."""
-    if cell is None or cell is pd.NA:
-        return True
-    if isinstance(cell, float):
-        return bool(np.isnan(cell))
-    if isinstance(cell, str):
-        return not cell.strip()
-    return False
-
-
-def _is_path(cell) -> bool:
-    return isinstance(cell, str | os.PathLike)
+_is_missing = is_missing_cell
+_is_path = is_path_cell
 
 
 def is_lazy_frame(X) -> bool:
@@ -333,7 +326,14 @@ def read_cohort(
         out.attrs["cohort_errors"] = table
     out.attrs.pop("label_hint", None)
     first = [c for c in COHORT_COLUMNS if c in out.columns]
-    return out[first + [c for c in out.columns if c not in first]]
+    out = out[first + [c for c in out.columns if c not in first]]
+    # how the cases are read later (estimators load them lazily through iter_cases)
+    out.attrs[LOADER_ATTR] = {
+        "orientation": orientation,
+        "geometry_tolerance": float(geometry_tolerance),
+        "resample_mask": bool(resample_mask),
+    }
+    return out
 
 
 def _check_label_value(label) -> None:

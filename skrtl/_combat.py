@@ -25,7 +25,7 @@ from numbers import Integral
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
-from sklearn.utils.validation import check_array, check_is_fitted
+from sklearn.utils.validation import check_is_fitted
 
 from ._base import (
     DEFAULT_SITE_COLUMN,
@@ -33,24 +33,11 @@ from ._base import (
     HarmonizationWarning,
     check_shift_change,
     resolve_unseen,
+    split_site_features,
     unseen_constraint,
 )
 
 __all__ = ["ComBatHarmonizer", "ComBatWarning"]
-
-
-def _check_finite(X: np.ndarray, names: list[str], estimator_name: str) -> None:
-    """Raise naming the first rows and columns of NaN / infinite features."""
-    bad = ~np.isfinite(X)
-    if bad.any():
-        rows, cols = np.nonzero(bad)
-        where = ", ".join(f"row {r} column {names[c]!r}" for r, c in list(zip(rows, cols))[:5])
-        raise ValueError(
-            f"{estimator_name}: the features contain {int(bad.sum())} NaN or infinite values "
-            f"({where}{', ...' if bad.sum() > 5 else ''}). ComBat needs complete features: "
-            "impute them (e.g. sklearn.impute.SimpleImputer before this step) or drop those "
-            "rows or columns."
-        )
 
 
 class ComBatWarning(HarmonizationWarning):
@@ -242,93 +229,21 @@ class ComBatHarmonizer(TransformerMixin, BaseEstimator):
     def _split_input(self, X, sample_domain, sample_covariates, *, fitting):
         """Return (features float64, sites, covariate frame or None, feature names)."""
         covs = list(self.covariates) if self.covariates is not None else []
-        sites = None
-        cov_df = None
-        if isinstance(X, pd.DataFrame):
-            cols = list(X.columns)
-            if fitting:
-                self.feature_names_in_ = np.asarray([str(c) for c in cols], dtype=object)
-                self.n_features_in_ = len(cols)
-            else:
-                names = [str(c) for c in cols]
-                if hasattr(self, "feature_names_in_") and names != list(self.feature_names_in_):
-                    raise ValueError(
-                        f"{type(self).__name__}: the columns of X differ from those seen in fit "
-                        f"({names[:6]!r}... vs {list(self.feature_names_in_)[:6]!r}...). Pass "
-                        "the same columns, in the same order."
-                    )
-            missing = [c for c in covs if c not in X.columns]
-            if missing:
-                raise ValueError(
-                    f"covariates {missing!r} are not columns of X (columns: {cols[:8]!r}...). "
-                    "Add them to X or pass covariates=None."
-                )
-            drop = list(covs)
-            if self.site_column is not None and self.site_column in X.columns:
-                sites = X[self.site_column].to_numpy()
-                drop.append(self.site_column)
-            if covs:
-                cov_df = X[covs]
-            feat = X.drop(columns=drop)
-            bad = [
-                c
-                for c in feat.columns
-                if not (
-                    pd.api.types.is_numeric_dtype(feat[c])
-                    and not pd.api.types.is_bool_dtype(feat[c])
-                )
-            ]
-            if bad:
-                raise ValueError(
-                    f"columns {bad[:5]!r} of X are not numeric features. ComBat harmonizes every "
-                    f"column except the site column (site_column={self.site_column!r}) and the "
-                    "covariates; list categorical columns in covariates=[...] or drop them."
-                )
-            feature_cols = [str(c) for c in feat.columns]
-            _check_finite(feat.to_numpy(dtype=np.float64), feature_cols, type(self).__name__)
-            Xf = check_array(feat, dtype=np.float64, ensure_min_samples=1)
-        else:
-            arr = np.asarray(X)
-            if arr.ndim == 2 and arr.dtype.kind in "fc":
-                _check_finite(arr, [f"x{i}" for i in range(arr.shape[1])], type(self).__name__)
-            if fitting:
-                Xf = check_array(X, dtype=np.float64)
-                self.n_features_in_ = Xf.shape[1]
-                if hasattr(self, "feature_names_in_"):
-                    del self.feature_names_in_
-            else:
-                Xf = check_array(X, dtype=np.float64)
-                if Xf.shape[1] != self.n_features_in_:
-                    raise ValueError(
-                        f"X has {Xf.shape[1]} features, but {type(self).__name__} is expecting "
-                        f"{self.n_features_in_} features as input."
-                    )
-            if covs:
-                raise ValueError(
-                    f"covariates={covs!r} names DataFrame columns but X is an array; pass a "
-                    "DataFrame or route the values as sample_covariates."
-                )
-            feature_cols = [f"x{i}" for i in range(Xf.shape[1])]
-        if sample_domain is not None:
-            sd = np.asarray(sample_domain)
-            if sd.shape != (Xf.shape[0],):
-                raise ValueError(
-                    f"sample_domain must have shape ({Xf.shape[0]},) (one site per row), got "
-                    f"{sd.shape!r}."
-                )
-            if sites is not None and not np.array_equal(sd.astype(str), sites.astype(str)):
-                raise ValueError(
-                    f"sample_domain disagrees with X[{self.site_column!r}]; give the sites once."
-                )
-            sites = sd
+        Xf, sites, feature_cols = split_site_features(
+            self,
+            X,
+            sample_domain=sample_domain,
+            fitting=fitting,
+            exclude=covs,
+            what="every column except the site column and the covariates",
+        )
+        cov_df = X[covs] if covs else None
         if sites is None:
             raise ValueError(
                 f"{type(self).__name__} needs the site of every row: pass a DataFrame X with a "
                 f"{self.site_column!r} column (site_column={self.site_column!r}), or route "
                 "sample_domain=... (metadata routing)."
             )
-        if pd.isna(pd.Series(sites)).any():
-            raise ValueError("site labels contain missing values (NaN/None); label every row.")
         if sample_covariates is not None:
             sc = sample_covariates
             if not isinstance(sc, pd.DataFrame):

@@ -38,9 +38,9 @@ from sklearn.metrics import accuracy_score, r2_score
 from sklearn.utils import get_tags
 from sklearn.utils._param_validation import HasMethods, StrOptions
 from sklearn.utils.metaestimators import available_if
-from sklearn.utils.validation import check_array, check_is_fitted
+from sklearn.utils.validation import check_is_fitted
 
-from ._harmonize import HarmonizationWarning
+from ._base import HarmonizationWarning, split_site_features
 
 __all__ = [
     "DA_ADAPTERS",
@@ -126,71 +126,18 @@ def _is_reweighter(adapter) -> bool:
 # site labels, target rows and skada's domain codes
 # --------------------------------------------------------------------------------------------
 def _split_sites(est, X, sample_domain, *, fitting: bool):
-    """Return (features float64 array, site labels as str or None, feature names)."""
-    name = type(est).__name__
-    sites = None
-    col = est.site_column
-    if isinstance(X, pd.DataFrame):
-        names = [str(c) for c in X.columns]
-        if fitting:
-            est.feature_names_in_ = np.asarray(names, dtype=object)
-            est.n_features_in_ = len(names)
-        elif hasattr(est, "feature_names_in_") and names != list(est.feature_names_in_):
-            raise ValueError(
-                f"{name}: the columns of X differ from those seen in fit ({names[:6]!r}... vs "
-                f"{list(est.feature_names_in_)[:6]!r}...). Pass the same columns in the same "
-                "order."
-            )
-        feats = X
-        if col is not None and col in X.columns:
-            sites = X[col].to_numpy()
-            feats = X.drop(columns=[col])
-        bad = [
-            c
-            for c in feats.columns
-            if not pd.api.types.is_numeric_dtype(feats[c]) or pd.api.types.is_bool_dtype(feats[c])
-        ]
-        if bad:
-            raise ValueError(
-                f"{name}: columns {bad[:5]!r} of X are not numeric features. Every column "
-                f"except the site column (site_column={col!r}) must be a feature; drop the "
-                "others or name the site column with site_column=..."
-            )
-        feature_names = [str(c) for c in feats.columns]
-        Xf = check_array(feats, dtype=np.float64)
-    else:
-        Xf = check_array(X, dtype=np.float64)
-        if fitting:
-            est.n_features_in_ = Xf.shape[1]
-            if hasattr(est, "feature_names_in_"):
-                del est.feature_names_in_
-        feature_names = [f"x{i}" for i in range(Xf.shape[1])]
-    if not fitting and Xf.shape[1] != est._n_features_:
-        raise ValueError(
-            f"X has {Xf.shape[1]} features, but {name} is expecting {est._n_features_} "
-            "features as input."
-        )
-    if sample_domain is not None:
-        sd = np.asarray(sample_domain)
-        if sd.shape != (Xf.shape[0],):
-            raise ValueError(
-                f"sample_domain must have shape ({Xf.shape[0]},) (one site label per row), got "
-                f"{sd.shape!r}."
-            )
-        if sites is not None and not np.array_equal(sd.astype(str), sites.astype(str)):
-            raise ValueError(
-                f"sample_domain disagrees with X[{col!r}]; give the sites once (either the "
-                "column or sample_domain)."
-            )
-        sites = sd
+    """Return (features float64 array, site labels as str, feature names)."""
+    Xf, sites, feature_names = split_site_features(
+        est, X, sample_domain=sample_domain, fitting=fitting
+    )
     if sites is None:
+        col = est.site_column
         raise ValueError(
-            f"{name} needs the site of every row: pass a DataFrame X with a {col!r} column "
-            f"(site_column={col!r}) or route sample_domain=<site labels> (metadata routing)."
+            f"{type(est).__name__} needs the site of every row: pass a DataFrame X with a "
+            f"{col!r} column (site_column={col!r}) or route sample_domain=<site labels> "
+            "(metadata routing)."
         )
-    if pd.isna(pd.Series(sites)).any():
-        raise ValueError("site labels contain missing values (NaN/None); label every row's site.")
-    return Xf, np.asarray(sites).astype(str), feature_names
+    return Xf, sites, feature_names
 
 
 def _unlabelled(y, *, regression: bool) -> np.ndarray:
@@ -428,7 +375,6 @@ class DomainAdapter(TransformerMixin, BaseEstimator):
                 "skrtl.make_site_da_pipeline(adapter, estimator) instead."
             )
         Xf, sites, names = _split_sites(self, X, sample_domain, fitting=True)
-        self._n_features_ = Xf.shape[1]
         self._feature_names_ = names
         if y is not None:
             y = np.asarray(y)
@@ -788,7 +734,6 @@ class SiteDAPipeline(MetaEstimatorMixin, BaseEstimator):
                 "sites in target_sites."
             )
         Xf, sites, _ = _split_sites(self, X, sample_domain, fitting=True)
-        self._n_features_ = Xf.shape[1]
         y = np.asarray(y)
         if y.ndim != 1 or y.shape[0] != Xf.shape[0]:
             raise ValueError(f"y must have shape ({Xf.shape[0]},), got {y.shape!r}.")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import re
 import warnings
 from numbers import Integral, Real
@@ -37,7 +38,7 @@ from ._backbone import (
     get_transfer_layers,
     pretrained_backbone,
 )
-from ._base import BaseTorchImageEstimator, ImageEstimatorMixin
+from ._base import BaseTorchImageEstimator, ImageEstimatorMixin, PassthroughMixin
 from ._imaging import ImageInput
 from ._inference import InferenceRunner, forward_features
 from .utils import (
@@ -47,6 +48,7 @@ from .utils import (
     fingerprint,
     forward_hooks,
     hash_array,
+    open_disk_cache,
     resolve_device,
 )
 
@@ -91,7 +93,9 @@ def feature_cache_info(max_mb: float | None = None) -> dict:
     return {k: info[k] for k in _CACHE_INFO_KEYS}
 
 
-class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImageEstimator):
+class PretrainedCNNFeatures(
+    ImageEstimatorMixin, PassthroughMixin, TransformerMixin, BaseTorchImageEstimator
+):
     """Features of a frozen pretrained CNN, for linear probing in scikit-learn pipelines.
 
     Parameters
@@ -161,8 +165,26 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
         activations), so it is off by default. Only used for ``layers="final"``.
     cache : bool, default=True
         Look features up in (and store them into) the process-wide LRU cache, keyed by a hash
-        of the image (and mask) content, every parameter that changes the features and the
-        exact network state. See :func:`feature_cache_info` / :func:`clear_feature_cache`.
+        of the image (and mask) content (the file identity for cohort files), every parameter
+        that changes the features and the exact network state. See :func:`feature_cache_info`
+        / :func:`clear_feature_cache`.
+    cache_dir : str, path or None, default=None
+        A folder for a persistent feature cache with the same keys, shared by processes and
+        runs (safe with concurrent writers; values stored as raw bytes, never pickled): a
+        second process or a later run over the same cohort reads the features instead of
+        computing them.
+    cache_size_mb : float, default=2048
+        Size bound of the ``cache_dir`` cache (least recently used entries are evicted).
+    n_jobs : int or None, default=None
+        Extract in parallel with joblib (``None`` = 1, ``-1`` = all cores): the rows are cut
+        into chunks of whole batches, each transformed by a worker. Under
+        ``joblib.parallel_config(backend="dask")`` the chunks run on a Dask cluster. The
+        result equals the serial one.
+    passthrough : str, list of str or None, default=None
+        Columns of the image frame appended, unchanged, after the features (e.g.
+        ``["site", "age"]``), so that the next Pipeline step sees them: ComBat reads the site
+        column, clinical covariates reach the model. Non-numeric columns need
+        ``set_output(transform="pandas")`` (a DataFrame output; a clear error otherwise).
     verbose : int, default=0
         ``> 0`` shows a progress bar during extraction.
 
@@ -182,7 +204,13 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
         normalisation), shared with every torch estimator.
     layers_ : list of str
         Resolved layer tags (``"l9"``, ...) in output order.
+    layer_modules_ : list of str
+        Module of the network whose output each entry of ``layers_`` pools (``""``: the
+        final feature map, ``forward_features``); read by :func:`skrtl.explain`.
+    passthrough_ : list of str
+        The passthrough columns (empty without ``passthrough``).
     n_features_out_ : int
+        Number of output columns (CNN features, then the passthrough columns).
 
     Notes
     -----
@@ -192,6 +220,12 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
     state are serialised by a lock; the feature cache is thread-safe).
     Masks, spacing and site labels travel in the image frame (:func:`skrtl.make_image_frame`),
     which survives :class:`~sklearn.pipeline.Pipeline`, cross-validation and grid search.
+
+    A file frame (:func:`skrtl.read_cohort`) is accepted as it is: ``fit`` reads only the file
+    headers, ``transform`` loads one case at a time while it fills a batch, so peak memory does
+    not grow with the cohort. Cached features of file cases are keyed by the files' identity
+    (path, size, modification time, label, reader settings), not by their pixels, so a cache
+    hit loads nothing.
     """
 
     _parameter_constraints: dict = {
@@ -205,6 +239,10 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
         "precision": [StrOptions({"auto", "mixed", "bf16", "fp32"})],
         "compile": ["boolean"],
         "cache": ["boolean"],
+        "cache_dir": [str, os.PathLike, None],
+        "cache_size_mb": [Interval(Real, 0, None, closed="neither")],
+        "n_jobs": [Integral, None],
+        "passthrough": [str, list, tuple, None],
     }
 
     def __init__(
@@ -230,6 +268,10 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
         precision="auto",
         compile=False,
         cache=True,
+        cache_dir=None,
+        cache_size_mb=2048,
+        n_jobs=None,
+        passthrough=None,
         verbose=0,
     ):
         self.backbone = backbone
@@ -252,6 +294,10 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
         self.precision = precision
         self.compile = compile
         self.cache = cache
+        self.cache_dir = cache_dir
+        self.cache_size_mb = cache_size_mb
+        self.n_jobs = n_jobs
+        self.passthrough = passthrough
         self.verbose = verbose
 
     # ----------------------------------------------------------------------------------------
@@ -351,6 +397,7 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
         """
         size, windows = self._check_image_params()
         data = self._read(X)
+        self._fit_passthrough(X)
         in_chans = self._network_in_chans(self._intensity_channels(windows, data))
         self.device_ = resolve_device(self.device)
         self.precision_ = self._resolve_precision()
@@ -371,8 +418,17 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
         if memo_key not in memo:
             probe = torch.zeros(1, in_chans, *size, device=self.device_)
             resolved = self._resolve_layers(model, probe)
-            memo[memo_key] = (resolved, self._probe_dims(model, resolved, probe))
-        resolved, dims = memo[memo_key]
+            memo[memo_key] = (resolved, *self._probe_dims(model, resolved, probe))
+        resolved, dims, grids = memo[memo_key]
+        if self.mask_pooling and data.masks is not None and min(h * w for h, w in grids) == 1:
+            warnings.warn(
+                f"PretrainedCNNFeatures: with input_size={self.input_size!r} a requested feature "
+                "map is 1 x 1, so masked pooling cannot tell the lesion from its surroundings "
+                "there: the mask has no effect on those features. Use a larger input_size "
+                "(e.g. >= 64) or an earlier layer (layers=[...]).",
+                UserWarning,
+                stacklevel=2,
+            )
         # shared with other estimators until _skrtl_torch_module() takes a private copy
         self.model_ = model
         self._owns_model = False
@@ -380,22 +436,25 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
         self._fast = None
         self.layers_ = [tag for tag, _ in resolved]
         self._layer_modules = [m for _, m in resolved]
+        self.layer_modules_ = list(self._layer_modules)
         self.layer_dims_ = dims
         pools = ["avg", "max"] if self.pooling == "avgmax" else [self.pooling]
         names = []
         for tag, dim in zip(self.layers_, dims):
             for pool in pools:
                 names.extend(f"cnn_{tag}_{pool}_{k:04d}" for k in range(dim))
-        self._feature_names = np.asarray(names, dtype=object)
-        self.n_features_out_ = len(names)
+        self._cnn_names = np.asarray(names, dtype=object)
+        self._feature_names = np.asarray(names + self.passthrough_, dtype=object)
+        self.n_features_out_ = len(self._feature_names)
         return self
 
-    def _probe_dims(self, model, resolved, probe) -> list[int]:
-        got: dict[str, int] = {}
+    def _probe_dims(self, model, resolved, probe) -> tuple[list[int], list[tuple]]:
+        """Channels and spatial grid (h, w) of every requested feature map."""
+        got: dict[str, tuple] = {}
 
         def make(name):
             def hook(mod, args, out):
-                got[name] = int(out.shape[1])
+                got[name] = tuple(int(v) for v in out.shape[1:4])
 
             return hook
 
@@ -407,8 +466,8 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
                 f"backbone {self.backbone!r} does not produce a spatial feature map (got shape "
                 f"{tuple(final.shape)}); PretrainedCNNFeatures needs a CNN."
             )
-        got[""] = int(final.shape[1])
-        return [got[m] for _, m in resolved]
+        got[""] = tuple(int(v) for v in final.shape[1:4])
+        return [got[m][0] for _, m in resolved], [got[m][1:] for _, m in resolved]
 
     # ----------------------------------------------------------------------------------------
     # fast network copy
@@ -505,6 +564,8 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
         return hashlib.blake2b(repr(cfg).encode(), digest_size=16).digest()
 
     def _sample_keys(self, data: ImageInput, base: bytes) -> list[bytes]:
+        if data.keys is not None:  # file cases: their identity, no pixels loaded
+            return [hashlib.blake2b(base + k, digest_size=20).digest() for k in data.keys]
         keys = []
         for i, img in enumerate(data.images):
             h = hashlib.blake2b(base, digest_size=20)
@@ -531,28 +592,68 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
         Returns
         -------
         ndarray of shape (n_samples, n_features_out_), float32
+            The features (float64 when numeric passthrough columns follow them; a DataFrame
+            with ``set_output(transform="pandas")``).
         """
         check_is_fitted(self, "model_")
         data = self._read(X)
         n = len(data)
-        out = np.zeros((n, self.n_features_out_), dtype=np.float32)
+        width = len(self._cnn_names)
+        out = np.zeros((n, width), dtype=np.float32)
         todo = list(range(n))
         keys = None
-        if self.cache:
+        disk = (
+            None
+            if self.cache_dir is None
+            else open_disk_cache(self.cache_dir, max_mb=self.cache_size_mb)
+        )
+        if self.cache or disk is not None:
             keys = self._sample_keys(data, self._config_key())
             todo = []
             for i, key in enumerate(keys):
-                hit = _FEATURE_CACHE.get(key)
+                hit = _FEATURE_CACHE.get(key) if self.cache else None
+                if hit is None and disk is not None:
+                    hit = disk.get_array(key, dtype=np.float32, size=width)
+                    if hit is not None and self.cache:
+                        _FEATURE_CACHE.put(key, hit)
                 if hit is None:
                     todo.append(i)
                 else:
                     out[i] = hit
         if todo:
-            self._extract(data, todo, out)
+            if self.n_jobs in (None, 1) or len(todo) <= self.batch_size:
+                self._extract(data, todo, out)
+            else:
+                self._extract_parallel(X, todo, out)
             if keys is not None:
                 for i in todo:
-                    _FEATURE_CACHE.put(keys[i], out[i].copy())
-        return out
+                    if self.cache:
+                        _FEATURE_CACHE.put(keys[i], out[i].copy())
+                    if disk is not None:
+                        disk.put_array(keys[i], out[i])
+        return self._with_passthrough(out, X, self._cnn_names)
+
+    def _extract_parallel(self, X, rows: list[int], out: np.ndarray) -> None:
+        """Features of ``rows`` computed by joblib workers, a chunk of whole batches each.
+
+        Each worker gets a copy of this transformer (without the caches) and the rows of ``X``
+        (file cases are read by the worker), so ``joblib.parallel_config(backend="dask")``
+        spreads the cases over a Dask cluster.
+        """
+        from joblib import Parallel, delayed, effective_n_jobs
+
+        n_chunks = max(1, min(len(rows) // self.batch_size, 4 * effective_n_jobs(self.n_jobs)))
+        per = -(-len(rows) // n_chunks)
+        per = -(-per // self.batch_size) * self.batch_size  # whole batches: the same micro-batches
+        chunks = [rows[i : i + per] for i in range(0, len(rows), per)]
+        worker = copy.copy(self)
+        worker.cache, worker.cache_dir, worker.n_jobs, worker.verbose = False, None, None, 0
+        worker._fast = None
+        results = Parallel(n_jobs=self.n_jobs)(
+            delayed(_worker_features)(worker, _take_rows(X, chunk)) for chunk in chunks
+        )
+        for chunk, feats in zip(chunks, results):
+            out[chunk] = feats
 
     def _extract(self, data: ImageInput, rows: list[int], out: np.ndarray) -> None:
         fast = self._get_fast()
@@ -652,3 +753,22 @@ class PretrainedCNNFeatures(ImageEstimatorMixin, TransformerMixin, BaseTorchImag
         tags = super().__sklearn_tags__()
         tags.non_deterministic = False
         return tags
+
+
+def _take_rows(X, rows):
+    """Rows ``rows`` of an image array, list or frame."""
+    import pandas as pd
+
+    if isinstance(X, pd.DataFrame):
+        return X.iloc[list(rows)]
+    if isinstance(X, list | tuple):
+        return [X[i] for i in rows]
+    return np.asarray(X)[list(rows)]
+
+
+def _worker_features(est: PretrainedCNNFeatures, X) -> np.ndarray:
+    """CNN features of ``X`` (a joblib job of :meth:`PretrainedCNNFeatures._extract_parallel`)."""
+    data = est._read(X)
+    out = np.zeros((len(data), len(est._cnn_names)), dtype=np.float32)
+    est._extract(data, list(range(len(data))), out)
+    return out

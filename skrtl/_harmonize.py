@@ -18,6 +18,15 @@ fine-tuning classifier:
 Input and output are the same container: an image array stays an array (when all output images
 share one shape), an image frame (:func:`skrtl.make_image_frame`) stays a frame with its masks,
 site and other columns kept (and the spacing column updated by the resampler).
+
+**File frames** (:func:`skrtl.read_cohort`: paths in ``image`` / ``mask``) are accepted too.
+``fit`` streams them (statistics are computed case by case; :class:`SpacingResampler` reads
+only the headers), and ``transform`` returns an **in-memory** image frame: the transformed
+images (and the label-selected boolean masks, and the header spacing) as arrays, with every
+other column kept and the ``mask_label`` / ``series_uid`` columns dropped (they are applied).
+The output thus holds every transformed image in memory: on whole CT / MR volumes put
+:class:`skrtl.LesionCropper` first, so that only the lesion crops are kept (a warning says
+when a file frame would take more than 2 GiB as arrays).
 """
 
 from __future__ import annotations
@@ -43,7 +52,8 @@ from ._base import (
     site_labels,
     unseen_constraint,
 )
-from ._imaging import ImageInput, make_image_frame, read_image_frame
+from ._cohort import LOADER_ATTR
+from ._imaging import ImageInput, first_case_layout, make_image_frame, read_image_frame
 
 __all__ = [
     "CT_WINDOWS",
@@ -59,7 +69,11 @@ __all__ = [
 # container helpers
 # --------------------------------------------------------------------------------------------
 def _guess_mode(X) -> str:
-    """'3d' for frames whose masks or spacing say the 3-D images are volumes, else '2d'."""
+    """'3d' for frames whose masks or spacing (or file headers) say the 3-D images are volumes,
+    else '2d'."""
+    layout = first_case_layout(X)
+    if layout is not None:
+        return "3d" if layout == "zyx" else "2d"
     if isinstance(X, pd.DataFrame) and "image" in X.columns and len(X):
         img = np.asarray(X["image"].iloc[0])
         if img.ndim == 3:
@@ -71,16 +85,50 @@ def _guess_mode(X) -> str:
     return "2d"
 
 
-def _read(X, name: str) -> ImageInput:
-    return read_image_frame(X, mode=_guess_mode(X), estimator_name=name)
+#: a file frame whose images would take more than this as arrays gets a warning
+_MAX_IN_MEMORY_BYTES = 2 * 1024**3
 
 
-def _rebuild(X, images, *, masks=None, spacing=None, name="transformer", frame_out=False):
-    """Return the harmonized images in the container of ``X`` (a frame if ``frame_out``)."""
+def _read(X, name: str, *, transforming: bool = False) -> ImageInput:
+    inp = read_image_frame(X, mode=_guess_mode(X), estimator_name=name)
+    if transforming and inp.lazy:
+        need = inp.nbytes_estimate()
+        if need > _MAX_IN_MEMORY_BYTES:
+            warnings.warn(
+                f"{name}: the {len(inp)} cases of this file frame take about "
+                f"{need / 2**30:.1f} GiB as float32 arrays, and the transformed frame holds "
+                "them all in memory. Crop the lesions first (skrtl.LesionCropper as the first "
+                "Pipeline step) so that only the crops are kept.",
+                UserWarning,
+                stacklevel=3,
+            )
+    return inp
+
+
+def _cases(inp: ImageInput):
+    """``(i, image, mask)`` for every sample (a file case is loaded once, with its mask)."""
+    for i in range(len(inp)):
+        img = inp.images[i]
+        yield i, img, (inp.masks[i] if inp.masks is not None else None)
+
+
+def _rebuild(
+    X, images, *, masks=None, spacing=None, name="transformer", frame_out=False, inp=None
+):
+    """Return the harmonized images in the container of ``X`` (a frame if ``frame_out``).
+
+    A file frame (``inp.lazy``) comes back as an in-memory frame: its loaded masks and header
+    spacing replace the paths, and the columns that said how to read a case are dropped.
+    """
     if not isinstance(X, pd.DataFrame) and frame_out:
         X = make_image_frame(images)
     if isinstance(X, pd.DataFrame):
         out = X.copy()
+        if inp is not None and inp.lazy:
+            out = out.drop(columns=[c for c in ("mask_label", "series_uid") if c in out.columns])
+            if spacing is None and inp.spacing is not None:
+                spacing = list(inp.spacing)
+            out.attrs.pop(LOADER_ATTR, None)
         col = np.empty(len(images), dtype=object)
         for i, im in enumerate(images):
             col[i] = im
@@ -203,20 +251,28 @@ class SpacingResampler(_ImageTransformerMixin, BaseEstimator):
         self.order = order
         self.anti_aliasing = anti_aliasing
 
-    def _input(self, X):
-        if not isinstance(X, pd.DataFrame) or "spacing" not in X.columns:
+    def _input(self, X, *, transforming=False):
+        lazy = first_case_layout(X) is not None  # a file frame: spacing from the headers
+        if not isinstance(X, pd.DataFrame) or ("spacing" not in X.columns and not lazy):
             raise ValueError(
                 "SpacingResampler needs an image frame with a 'spacing' column: build X with "
-                "skrtl.make_image_frame(images, spacing=[(dz, dy, dx), ...], masks=...)."
+                "skrtl.make_image_frame(images, spacing=[(dz, dy, dx), ...], masks=...), or "
+                "read files with skrtl.read_cohort."
             )
-        inp = _read(X, "SpacingResampler")
+        inp = _read(X, "SpacingResampler", transforming=transforming)
         sp = inp.spacing
+        if sp is None:
+            raise ValueError(
+                "SpacingResampler: the cases do not share one number of spatial axes (2-D "
+                "images and volumes mixed); resample them separately."
+            )
         if not np.all(np.isfinite(sp)) or np.any(sp <= 0):
             raise ValueError(f"spacing must be finite and > 0, got rows like {sp[0]!r}.")
-        for i, img in enumerate(inp.images):
-            if sp.shape[1] > img.ndim:
+        for i in range(len(inp)):
+            shape = inp.shape(i)
+            if sp.shape[1] > len(shape):
                 raise ValueError(
-                    f"image {i} has shape {img.shape!r} but spacing has {sp.shape[1]} axes."
+                    f"{inp.case_name(i)} has shape {shape!r} but spacing has {sp.shape[1]} axes."
                 )
         return inp
 
@@ -243,20 +299,19 @@ class SpacingResampler(_ImageTransformerMixin, BaseEstimator):
     def transform(self, X):
         """Resample every image and mask to ``target_spacing_``; returns an image frame."""
         check_is_fitted(self, "target_spacing_")
-        inp = self._input(X)
+        inp = self._input(X, transforming=True)
         if inp.spacing.shape[1] != self.target_spacing_.size:
             raise ValueError(
                 f"spacing has {inp.spacing.shape[1]} axes but {self.target_spacing_.size} in fit."
             )
         images, masks, spacing = [], [], []
-        for i, img in enumerate(inp.images):
+        for i, img, m in _cases(inp):
             factors = inp.spacing[i] / self.target_spacing_
             out = _resample(img, factors, self.order, self.anti_aliasing)
             images.append(out)
             nsp = factors.size
             spacing.append(inp.spacing[i] * np.asarray(img.shape[:nsp]) / out.shape[:nsp])
             if inp.masks is not None:
-                m = inp.masks[i]
                 if m is None:
                     masks.append(None)
                     continue
@@ -277,6 +332,7 @@ class SpacingResampler(_ImageTransformerMixin, BaseEstimator):
             spacing=spacing,
             name="SpacingResampler",
             frame_out=self._frame_out(),
+            inp=inp,
         )
 
 
@@ -300,22 +356,22 @@ def _monotone_map(values, src_q, ref_q):
     return out.astype(np.float32)
 
 
-def _shift_descriptor(inp: ImageInput, mode: str, use_mask: bool) -> np.ndarray:
+def _shift_descriptor(images, masks, mode: str, use_mask: bool) -> np.ndarray:
     """Per image: quantiles of the gradient magnitude (contrast, noise and sharpness).
 
     Matching fixes the intensity quantiles by construction; what it can make worse is the
     texture of the images in the reference's intensity units.
     """
-    out = np.empty((len(inp), 5))
-    for i, img in enumerate(inp.images):
+    out = np.empty((len(images), 5))
+    for i, img in enumerate(images):
         img = np.asarray(img, dtype=np.float64)
         if img.ndim == 3 and mode == "2d":  # channel-last: grey level of the channels
             img = img.mean(axis=-1)
         grads = np.gradient(img) if min(img.shape) > 1 else [np.zeros_like(img)]
         grad = np.sqrt(sum(g * g for g in grads))
         m = None
-        if use_mask and inp.masks is not None and inp.masks[i] is not None:
-            m = np.asarray(inp.masks[i], dtype=bool).reshape(img.shape)
+        if use_mask and masks is not None and masks[i] is not None:
+            m = np.asarray(masks[i], dtype=bool).reshape(img.shape)
         gvals = grad[m] if m is not None else grad.ravel()
         out[i] = np.percentile(gvals, [10, 25, 50, 75, 90])
     return out
@@ -403,12 +459,14 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
         self.unseen = unseen
         self.check_shift = check_shift
 
-    def _quantiles(self, inp: ImageInput) -> np.ndarray:
+    def _quantiles(self, inp: ImageInput, rows=None) -> np.ndarray:
+        rows = range(len(inp)) if rows is None else rows
         out = np.empty((len(inp), self.levels_.size))
-        for i, img in enumerate(inp.images):
+        for i in rows:
+            img = inp.images[i]
             vals = img
-            if self.use_mask and inp.masks is not None and inp.masks[i] is not None:
-                m = inp.masks[i]
+            m = inp.masks[i] if inp.masks is not None else None
+            if self.use_mask and m is not None:
                 vals = img[m]  # (k,) or (k, C) for channel-last 2-D images
             out[i] = np.percentile(np.asarray(vals, dtype=np.float64).ravel(), self.levels_)
         return out
@@ -460,8 +518,13 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
             inp_r = _read(Xr, "HistogramMatcher")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", HarmonizationWarning)
-                mapped = self._mapped(Xr, inp_r)
-            self._shift_reference = (self._descriptor(Xr, inp_r), self._descriptor(Xr, mapped))
+                raw, mapped, masks = self._mapped(Xr, inp_r, keep_raw=range(len(inp_r)))
+            mode = _guess_mode(Xr)
+            raw = [raw[i] for i in range(len(inp_r))]
+            self._shift_reference = (
+                _shift_descriptor(raw, masks, mode, self.use_mask),
+                _shift_descriptor(mapped, masks, mode, self.use_mask),
+            )
         return self
 
     @staticmethod
@@ -471,51 +534,57 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
             return rows
         return np.sort(np.random.default_rng(0).choice(rows, SHIFT_CHECK_ROWS, replace=False))
 
-    def _descriptor(self, X, inp: ImageInput) -> np.ndarray:
-        return _shift_descriptor(inp, _guess_mode(X), self.use_mask)
-
     def transform(self, X):
         """Map intensities onto the reference distribution (same container as ``X``)."""
         check_is_fitted(self, "reference_quantiles_")
-        inp = _read(X, "HistogramMatcher")
-        images = self._mapped(X, inp).images
+        inp = _read(X, "HistogramMatcher", transforming=True)
+        groups = {}
         if self.check_shift and getattr(self, "_shift_reference", None) is not None:
-            self._check_batch(X, inp, images)
-        return _rebuild(X, images, name="HistogramMatcher", frame_out=self._frame_out())
+            groups = self._check_groups(X, len(inp))
+        keep = set().union(*groups.values()) if groups else set()
+        raw, images, masks = self._mapped(X, inp, keep_raw=keep)
+        if groups:
+            self._check_batch(X, groups, raw, images, masks)
+        return _rebuild(
+            X,
+            images,
+            masks=masks if (inp.lazy and inp.masks is not None) else None,
+            name="HistogramMatcher",
+            frame_out=self._frame_out(),
+            inp=inp,
+        )
 
-    def _check_batch(self, X, inp: ImageInput, images) -> None:
-        """Warn for each site of the batch whose shift to the training images grew."""
+    def _check_groups(self, X, n):
+        """Site (None without site labels) -> the rows of the batch the shift is measured on."""
         sites = site_labels(X, site_column=self.site_column, name="HistogramMatcher")
         groups = (
-            {None: np.arange(len(inp))}
+            {None: np.arange(n)}
             if sites is None
             else {s: np.flatnonzero(sites == s) for s in sorted(set(sites))}
         )
+        groups = {s: self._check_rows(n, rows) for s, rows in groups.items()}
+        return {s: [int(i) for i in rows] for s, rows in groups.items() if len(rows) >= 2}
+
+    def _check_batch(self, X, groups, raw, images, masks) -> None:
+        """Warn for each site of the batch whose shift to the training images grew."""
         mode = _guess_mode(X)
         ref_before, ref_after = self._shift_reference
         for site, rows in groups.items():
-            rows = self._check_rows(len(inp), rows)
-            if rows.size < 2:
-                continue
-            raw = ImageInput(
-                images=[inp.images[i] for i in rows],
-                masks=None if inp.masks is None else [inp.masks[i] for i in rows],
-            )
-            mapped = ImageInput(images=[images[i] for i in rows], masks=raw.masks)
+            m = [masks[i] for i in rows]
             check_shift_change(
-                (ref_before, _shift_descriptor(raw, mode, self.use_mask)),
-                (ref_after, _shift_descriptor(mapped, mode, self.use_mask)),
+                (ref_before, _shift_descriptor([raw[i] for i in rows], m, mode, self.use_mask)),
+                (ref_after, _shift_descriptor([images[i] for i in rows], m, mode, self.use_mask)),
                 name="HistogramMatcher",
                 what="the transformed images" if site is None else f"site {site!r}",
                 what_reference="the training images (texture: gradient quantiles)",
-                stacklevel=5,
+                stacklevel=4,
             )
 
-    def _mapped(self, X, inp: ImageInput) -> ImageInput:
-        """The images of ``inp`` mapped onto the reference (masks kept)."""
+    def _mapped(self, X, inp: ImageInput, *, keep_raw=()):
+        """``(raw images of the rows keep_raw, mapped images, masks)`` (each case loaded once)."""
         ref = self.reference_quantiles_
         if self.level == "image":
-            src = self._quantiles(inp)
+            src = None  # each image's own quantiles, computed when it is mapped
         else:
             sites = self._sites(X, "level='site'")
             new = sorted(set(sites) - set(self.site_quantiles_))
@@ -532,19 +601,29 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
                 for s in new:
                     src[sites == s] = ref
             elif new:
-                q = self._quantiles(inp)
+                q = self._quantiles(inp, rows=np.flatnonzero(np.isin(sites, new)))
                 for s in new:
                     warnings.warn(
                         f"site {s!r} was not seen in fit; its quantiles are estimated from its "
                         f"{int((sites == s).sum())} images in this batch (unseen='batch').",
                         HarmonizationWarning,
-                        stacklevel=2,
+                        stacklevel=3,
                     )
                     src[sites == s] = q[sites == s].mean(axis=0)
             for s, qs in self.site_quantiles_.items():
                 src[sites == s] = qs
-        images = [_monotone_map(img, src[i], ref) for i, img in enumerate(inp.images)]
-        return ImageInput(images=images, masks=inp.masks)
+        raw, images, masks = {}, [], []
+        for i, img, m in _cases(inp):
+            if src is None:
+                vals = img[m] if (self.use_mask and m is not None) else img
+                qs = np.percentile(np.asarray(vals, dtype=np.float64).ravel(), self.levels_)
+            else:
+                qs = src[i]
+            images.append(_monotone_map(img, qs, ref))
+            masks.append(m)
+            if i in keep_raw:
+                raw[i] = img
+        return raw, images, masks
 
 
 # --------------------------------------------------------------------------------------------
@@ -607,12 +686,11 @@ class IntensityStandardizer(_ImageTransformerMixin, BaseEstimator):
     def transform(self, X):
         """Standardise every image (same container as ``X``)."""
         check_is_fitted(self, "n_features_in_")
-        inp = _read(X, "IntensityStandardizer")
-        out = []
-        for i, img in enumerate(inp.images):
-            m = None
-            if self.use_mask and inp.masks is not None and inp.masks[i] is not None:
-                m = inp.masks[i]
+        inp = _read(X, "IntensityStandardizer", transforming=True)
+        out, masks = [], []
+        for _, img, mask in _cases(inp):
+            masks.append(mask)
+            m = mask if self.use_mask else None
             ref = img[m] if m is not None else img
             if self.method == "window":
                 level, width = (float(v) for v in self.window)
@@ -627,7 +705,14 @@ class IntensityStandardizer(_ImageTransformerMixin, BaseEstimator):
                     lo, hi = float(img.min()), float(img.max())
                 res = np.clip((img - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(img)
             out.append(res.astype(np.float32))
-        return _rebuild(X, out, name="IntensityStandardizer", frame_out=self._frame_out())
+        return _rebuild(
+            X,
+            out,
+            masks=masks if (inp.lazy and inp.masks is not None) else None,
+            name="IntensityStandardizer",
+            frame_out=self._frame_out(),
+            inp=inp,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -731,12 +816,12 @@ class IntensityWindow(_ImageTransformerMixin, BaseEstimator):
 
     def _check_images(self, inp: ImageInput) -> None:
         if len(self.windows_) > 1:
-            bad = [i for i, im in enumerate(inp.images) if im.ndim != 2]
+            bad = [i for i in range(len(inp)) if len(inp.shape(i)) != 2]
             if bad:
                 raise ValueError(
                     f"IntensityWindow with {len(self.windows_)} windows stacks them as channels "
-                    f"of 2-D (H, W) images, but image {bad[0]} has shape "
-                    f"{inp.images[bad[0]].shape!r}. Use one window per IntensityWindow for "
+                    f"of 2-D (H, W) images, but {inp.case_name(bad[0])} has shape "
+                    f"{inp.shape(bad[0])!r}. Use one window per IntensityWindow for "
                     "volumes, or give the windows to PretrainedCNNFeatures(windows=...), which "
                     "applies them after slicing."
                 )
@@ -744,10 +829,11 @@ class IntensityWindow(_ImageTransformerMixin, BaseEstimator):
     def transform(self, X):
         """Window every image (same container as ``X``; channels last for several windows)."""
         check_is_fitted(self, "windows_")
-        inp = _read(X, "IntensityWindow")
+        inp = _read(X, "IntensityWindow", transforming=True)
         self._check_images(inp)
-        out = []
-        for img in inp.images:
+        out, masks = [], []
+        for _, img, mask in _cases(inp):
+            masks.append(mask)
             chans = []
             for level, width in self.windows_:
                 lo, hi = level - width / 2.0, level + width / 2.0
@@ -755,4 +841,11 @@ class IntensityWindow(_ImageTransformerMixin, BaseEstimator):
                 chans.append((c - lo) / width if self.output == "unit" else c)
             res = chans[0] if len(chans) == 1 else np.stack(chans, axis=-1)
             out.append(res.astype(np.float32))
-        return _rebuild(X, out, name="IntensityWindow", frame_out=self._frame_out())
+        return _rebuild(
+            X,
+            out,
+            masks=masks if (inp.lazy and inp.masks is not None) else None,
+            name="IntensityWindow",
+            frame_out=self._frame_out(),
+            inp=inp,
+        )

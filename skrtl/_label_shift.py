@@ -52,7 +52,7 @@ from ._calibration import (
     TemperatureScaling,
     VectorScaling,
 )
-from .utils import PROBA_FLOOR, derive_seed, reweight_posteriors, root_seed
+from .utils import PROBA_FLOOR, check_class_labels, derive_seed, reweight_posteriors, root_seed
 
 __all__ = [
     "LabelShiftAdapter",
@@ -612,8 +612,7 @@ class LabelShiftAdapter(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
             Fitted adapter.
         """
         X, y = indexable(X, y)
-        y = column_or_1d(y, warn=True)
-        check_classification_targets(y)
+        y = check_class_labels(y, estimator_name=type(self).__name__)
         weights = None
         if sample_weight is not None:
             weights = _check_sample_weight(sample_weight, np.empty((len(y), 0)), dtype=np.float64)

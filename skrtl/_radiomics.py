@@ -15,8 +15,11 @@ PyRadiomics is an optional dependency: ``pip install "skrtl[radiomics]"`` (insta
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
-from numbers import Integral
+import os
+from numbers import Integral, Real
 
 import numpy as np
 import pandas as pd
@@ -24,8 +27,9 @@ from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._imaging import read_image_frame
-from ._io import select_label
+from ._base import PassthroughMixin
+from ._imaging import first_case_layout, read_image_frame
+from .utils import hash_array, open_disk_cache
 
 __all__ = ["RADIOMICS_FEATURE_CLASSES", "RadiomicsFeatures", "otsu_mask"]
 
@@ -112,6 +116,11 @@ def otsu_mask(image: np.ndarray, *, nbins: int = 256) -> np.ndarray:
     return mask
 
 
+def _first(func, *args):
+    """``func(*args)[0]`` (a joblib job returning one result)."""
+    return func(*args)[0]
+
+
 def _extract_one(
     image: np.ndarray,
     mask: np.ndarray,
@@ -157,7 +166,7 @@ def _extract_one(
     }
 
 
-class RadiomicsFeatures(TransformerMixin, BaseEstimator):
+class RadiomicsFeatures(PassthroughMixin, TransformerMixin, BaseEstimator):
     """Handcrafted radiomics features (PyRadiomics, IBSI-aligned) from images and masks.
 
     One row per sample: first-order statistics, shape, and texture matrices (GLCM, GLRLM,
@@ -188,7 +197,9 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
         What to do for samples without a mask: raise, use the whole image as the region of
         interest, or use an Otsu-threshold foreground mask (:func:`otsu_mask`).
     label : int, sequence of int or None, default=None
-        Structure of a multi-label mask to describe (a sequence: the union of those labels).
+        Structure of a multi-label mask to describe (a sequence: the union of those labels);
+        rows of a frame with a ``mask_label`` column (:func:`skrtl.read_cohort` with
+        ``label=``) use their own label, and a row label that differs from ``label`` raises.
         PyRadiomics' own ``settings["label"]`` is honoured as well (giving both with different
         values raises). ``None`` (and no ``settings["label"]``) requires masks with a single
         non-zero value: a mask with several labels raises instead of silently merging the
@@ -197,7 +208,20 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
         When PyRadiomics fails on a sample (e.g. a 1-pixel mask): raise a ``ValueError``
         naming the sample, or return a row of NaN (impute it downstream).
     n_jobs : int or None, default=None
-        Samples processed in parallel with joblib (``None`` = 1, ``-1`` = all cores).
+        Samples processed in parallel with joblib (``None`` = 1, ``-1`` = all cores). Cases of
+        a file frame are loaded inside the worker that extracts them.
+    cache_dir : str, path or None, default=None
+        A folder for a persistent cache of the extracted features, shared by processes and
+        runs (safe with concurrent writers; stored as JSON, never pickled). Keyed by the image
+        and mask content (the file identity for cohort files), the spacing, the label, every
+        extraction setting and the PyRadiomics version: a rerun, or another process, over the
+        same cohort reads the features instead of running PyRadiomics again.
+    cache_size_mb : float, default=2048
+        Size bound of the ``cache_dir`` cache.
+    passthrough : str, list of str or None, default=None
+        Columns of the image frame appended, unchanged, after the features (e.g.
+        ``["site", "age"]``); non-numeric ones need ``set_output(transform="pandas")``. See
+        :class:`skrtl.PretrainedCNNFeatures`.
     verbose : int, default=0
         0: silent; 1: progress bar; 2: also PyRadiomics' own log messages.
 
@@ -206,7 +230,9 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
     feature_names_out_ : ndarray of str
         PyRadiomics feature names, in output column order.
     n_features_out_ : int
-        Number of features.
+        Number of output columns (features, then the passthrough columns).
+    passthrough_ : list of str
+        The passthrough columns (empty without ``passthrough``).
     ndim_ : int
         Spatial dimensionality seen during fit (2 or 3).
     feature_classes_ : dict
@@ -245,6 +271,9 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
         "label": [Interval(Integral, 1, None, closed="left"), list, tuple, None],
         "errors": [StrOptions({"raise", "nan"})],
         "n_jobs": [Integral, None],
+        "cache_dir": [str, os.PathLike, None],
+        "cache_size_mb": [Interval(Real, 0, None, closed="neither")],
+        "passthrough": [str, list, tuple, None],
         "verbose": [Interval(Integral, 0, None, closed="left"), bool],
     }
 
@@ -259,6 +288,9 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
         label=None,
         errors="raise",
         n_jobs=None,
+        cache_dir=None,
+        cache_size_mb=2048,
+        passthrough=None,
         verbose=0,
     ):
         self.features = features
@@ -269,6 +301,9 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
         self.label = label
         self.errors = errors
         self.n_jobs = n_jobs
+        self.cache_dir = cache_dir
+        self.cache_size_mb = cache_size_mb
+        self.passthrough = passthrough
         self.verbose = verbose
 
     # ------------------------------------------------------------------ input handling
@@ -276,6 +311,9 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
         if self.mode != "auto":
             return self.mode
         if isinstance(X, pd.DataFrame) and "image" in X.columns and len(X):
+            layout = first_case_layout(X)  # a file frame: the first header decides
+            if layout is not None:
+                return "3d" if layout == "zyx" else "2d"
             first = np.asarray(X["image"].iloc[0])
             return "3d" if first.ndim == 3 else "2d"
         arr = np.asarray(X) if isinstance(X, list | tuple) else X
@@ -295,67 +333,38 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
             )
         return self.label if self.label is not None else own
 
-    def _select_labels(self, X):
-        """The frame with each mask reduced to the selected structure (boolean)."""
-        label = self._label()
-        if not isinstance(X, pd.DataFrame) or "mask" not in X.columns:
-            return X
+    def _empty_mask_error(self, exc: Exception) -> Exception:
         name = type(self).__name__
-        col = X["mask"].to_numpy()
-        new = np.empty(len(col), dtype=object)
-        for i, m in enumerate(col):
-            if m is None or (isinstance(m, float) and np.isnan(m)):
-                new[i] = m
-                continue
-            arr = np.asarray(m)
-            if arr.dtype != object and arr.size and not np.any(arr):
-                new[i] = arr  # empty: reported below with the missing_mask hint
-                continue
-            new[i] = select_label(arr, label, name=f"{name}: mask {i}")
-        X = X.copy()
-        X["mask"] = new
-        return X
+        if "is empty" in str(exc):
+            return ValueError(
+                f"{name}: {str(exc).split(':')[0]} -- radiomics features are computed "
+                "inside the mask, so every mask needs at least a few non-zero pixels. Fix "
+                "or drop that sample, or drop its mask and set missing_mask='whole' or "
+                "'otsu'."
+            )
+        return exc
 
     def _read(self, X):
-        """Validated ``(images, masks, spacings)`` lists and the spatial ndim."""
+        """Validated image input (lazy for file frames), its mode and spatial ndim."""
         mode = self._resolve_mode(X)
         name = type(self).__name__
-        X = self._select_labels(X)
         try:
-            data = read_image_frame(X, mode=mode, estimator_name=name)
+            data = read_image_frame(X, mode=mode, label=self._label(), estimator_name=name)
         except ValueError as exc:
-            if "is empty" in str(exc):
-                raise ValueError(
-                    f"{name}: {str(exc).split(':')[0]} -- radiomics features are computed "
-                    "inside the mask, so every mask needs at least a few non-zero pixels. Fix "
-                    "or drop that sample, or drop its mask and set missing_mask='whole' or "
-                    "'otsu'."
-                ) from exc
-            raise
-        images = []
-        for img in data.images:
-            if mode == "2d" and img.ndim == 3:  # (H, W, C) -> grayscale
-                img = img.mean(axis=-1)
-            images.append(img)
+            new = self._empty_mask_error(exc)
+            if new is exc:
+                raise
+            raise new from exc
         ndim = 3 if mode == "3d" else 2
-        masks = []
-        for i, img in enumerate(images):
-            m = None if data.masks is None else data.masks[i]
-            if m is None:
-                if self.missing_mask == "error":
+        if self.missing_mask == "error":
+            for i in range(len(data)):
+                if not data.has_mask(i):
                     raise ValueError(
                         f"{name}: sample {i} has no mask. Radiomics features describe a region "
                         "of interest: pass X=skrtl.make_image_frame(images, masks=masks), or "
                         "set missing_mask='whole' (entire image) or 'otsu' (automatic "
                         "foreground)."
                     )
-                m = (
-                    np.ones(img.shape, dtype=bool)
-                    if self.missing_mask == "whole"
-                    else otsu_mask(img)
-                )
-            masks.append(m)
-        spacings = [None] * len(images)
         if data.spacing is not None:
             sp = np.asarray(data.spacing, dtype=float)
             if sp.shape[1] != ndim:
@@ -366,8 +375,33 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
                 )
             if not np.all(np.isfinite(sp)) or np.any(sp <= 0):
                 raise ValueError(f"{name}: spacing must be finite and positive, got {sp!r}.")
-            spacings = list(sp)
-        return images, masks, spacings, ndim
+        return data, mode, ndim
+
+    def _sample(self, data, i: int, mode: str):
+        """``(image, mask, spacing)`` of sample ``i`` (a file case is loaded now)."""
+        try:
+            img = data.images[i]
+            m = data.masks[i] if data.masks is not None else None
+        except ValueError as exc:
+            new = self._empty_mask_error(exc)
+            if new is exc:
+                raise
+            raise new from exc
+        if mode == "2d" and img.ndim == 3:  # (H, W, C) -> grayscale
+            img = img.mean(axis=-1)
+        if m is None:
+            m = np.ones(img.shape, dtype=bool) if self.missing_mask == "whole" else otsu_mask(img)
+        sp = None if data.spacing is None else np.asarray(data.spacing[i], dtype=float)
+        return img, m, sp
+
+    def _extract_rows(self, X, rows, mode: str, kwargs: dict) -> list:
+        """Features of the rows ``rows`` of a (one-row) frame, read inside a joblib worker."""
+        data, _, _ = self._read(X)
+        out = []
+        for i, pos in enumerate(rows):
+            img, m, sp = self._sample(data, i, mode)
+            out.append(_extract_one(img, m, sp, index=pos, **kwargs))
+        return out
 
     def _feature_classes(self, ndim: int) -> dict:
         spec = self.features
@@ -415,7 +449,12 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
         return dict(self.image_types)
 
     # ------------------------------------------------------------------ extraction
-    def _extract(self, images, masks, spacings, *, start: int = 0) -> list:
+    def _extract(self, X, data, mode: str, rows=None) -> list:
+        """PyRadiomics results of the samples ``rows`` (default: all), in order.
+
+        In-memory samples are sent to the workers as arrays; file cases are loaded inside
+        the worker that extracts them (one case in memory per worker).
+        """
         kwargs = {
             "features": self.feature_classes_,
             "image_types": self._image_types(),
@@ -423,24 +462,69 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
             "verbose": int(self.verbose),
             "errors": self.errors,
         }
-        items = list(zip(images, masks, spacings))
+        rows = list(range(len(data))) if rows is None else list(rows)
+        if self.cache_dir is not None:
+            return self._extract_cached(X, data, mode, rows, kwargs)
+        return self._run(X, data, mode, rows, kwargs)
+
+    def _cache_keys(self, data, rows, kwargs) -> list[bytes]:
+        import radiomics
+
+        base = json.dumps(
+            [kwargs["features"], kwargs["image_types"], kwargs["settings"], self.label,
+             self.missing_mask, getattr(radiomics, "__version__", "?")],
+            sort_keys=True, default=str,
+        ).encode()  # fmt: skip
+        keys = []
+        for i in rows:
+            h = hashlib.blake2b(b"radiomics-v1" + base, digest_size=20)
+            if data.keys is not None and data.keys[i] is not None:
+                h.update(data.keys[i])  # a file case: its identity, nothing loaded
+            else:
+                img = data.images[i]
+                hash_array(h, img)
+                m = data.masks[i] if data.masks is not None else None
+                h.update(b"nomask" if m is None else np.packbits(m).tobytes() + bytes(m.shape))
+                sp = None if data.spacing is None else np.asarray(data.spacing[i], float)
+                h.update(b"nospacing" if sp is None else sp.tobytes())
+            keys.append(h.digest())
+        return keys
+
+    def _extract_cached(self, X, data, mode, rows, kwargs) -> list:
+        disk = open_disk_cache(self.cache_dir, max_mb=self.cache_size_mb)
+        keys = self._cache_keys(data, rows, kwargs)
+        results: list = [disk.get_json(k) for k in keys]
+        todo = [j for j, r in enumerate(results) if r is None]
+        if todo:
+            fresh = self._run(X, data, mode, [rows[j] for j in todo], kwargs)
+            for j, res in zip(todo, fresh):
+                results[j] = res
+                if res is not None:  # failures are tried again next time
+                    disk.put_json(keys[j], res)
+        return results
+
+    def _run(self, X, data, mode, rows, kwargs) -> list:
         n_jobs = 1 if self.n_jobs is None else self.n_jobs
         if n_jobs == 1:
-            results = (
-                _extract_one(img, m, sp, index=start + i, **kwargs)
-                for i, (img, m, sp) in enumerate(items)
-            )
+            results = (_extract_one(*self._sample(data, i, mode), index=i, **kwargs) for i in rows)
         else:
             from joblib import Parallel, delayed
 
-            results = Parallel(n_jobs=n_jobs, return_as="generator")(
-                delayed(_extract_one)(img, m, sp, index=start + i, **kwargs)
-                for i, (img, m, sp) in enumerate(items)
-            )
+            if data.lazy:
+                jobs = (
+                    delayed(_first)(self._extract_rows, X.iloc[[i]], [i], mode, kwargs)
+                    for i in rows
+                )
+            else:
+                jobs = (
+                    delayed(_extract_one)(*self._sample(data, i, mode), index=i, **kwargs)
+                    for i in rows
+                )
+            results = Parallel(n_jobs=n_jobs, return_as="generator")(jobs)
         if self.verbose:
             from tqdm.auto import tqdm
 
-            results = tqdm(results, total=len(items), desc="radiomics", unit="image")
+            results = tqdm(results, total=len(rows), desc="radiomics", unit="image")
         return list(results)
 
     def _to_matrix(self, results: list) -> np.ndarray:
@@ -461,11 +545,12 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
 
     def _prepare_fit(self, X):
         _import_radiomics()
-        images, masks, spacings, ndim = self._read(X)
+        data, mode, ndim = self._read(X)
+        self._fit_passthrough(X)
         self.ndim_ = ndim
         self.feature_classes_ = self._feature_classes(ndim)
         self._image_types()  # validate early
-        return images, masks, spacings
+        return data, mode
 
     def _set_names(self, results: list) -> None:
         first = next((r for r in results if r is not None), None)
@@ -475,7 +560,7 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
                 "feature names are unknown; check the masks and settings."
             )
         self.feature_names_out_ = np.asarray(list(first), dtype=object)
-        self.n_features_out_ = int(self.feature_names_out_.size)
+        self.n_features_out_ = int(self.feature_names_out_.size) + len(self.passthrough_)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
@@ -485,18 +570,18 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
         ----------
         X : image frame or ndarray
             :func:`skrtl.make_image_frame` output (columns ``image``, ``mask``, ``spacing``),
-            or an array ``(n, H, W)`` / ``(n, D, H, W)`` (then ``missing_mask`` applies).
+            a file frame from :func:`skrtl.read_cohort`, or an array ``(n, H, W)`` /
+            ``(n, D, H, W)`` (then ``missing_mask`` applies).
         y : ignored
 
         Returns
         -------
         self
         """
-        images, masks, spacings = self._prepare_fit(X)
+        data, mode = self._prepare_fit(X)
         results = []
-        for i in range(len(images)):  # first sample that PyRadiomics accepts
-            sl = slice(i, i + 1)
-            results = self._extract(images[sl], masks[sl], spacings[sl], start=i)
+        for i in range(len(data)):  # first sample that PyRadiomics accepts
+            results = self._extract(X, data, mode, rows=[i])
             if results[0] is not None:
                 break
         self._set_names(results)
@@ -515,10 +600,10 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
         -------
         ndarray of shape (n_samples, n_features_out_)
         """
-        images, masks, spacings = self._prepare_fit(X)
-        results = self._extract(images, masks, spacings)
+        data, mode = self._prepare_fit(X)
+        results = self._extract(X, data, mode)
         self._set_names(results)
-        return self._to_matrix(results)
+        return self._with_passthrough(self._to_matrix(results), X, self.feature_names_out_)
 
     def transform(self, X):
         """Extract the features.
@@ -531,16 +616,18 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
         Returns
         -------
         ndarray of shape (n_samples, n_features_out_)
-            NaN rows for failed samples when ``errors="nan"``.
+            NaN rows for failed samples when ``errors="nan"``; the passthrough columns
+            follow the features (a DataFrame with ``set_output(transform="pandas")``).
         """
         check_is_fitted(self, "feature_names_out_")
-        images, masks, spacings, ndim = self._read(X)
+        data, mode, ndim = self._read(X)
         if ndim != self.ndim_:
             raise ValueError(
                 f"{type(self).__name__} was fitted on {self.ndim_}-D images but got {ndim}-D "
                 "images; use the same kind of input in fit and transform."
             )
-        return self._to_matrix(self._extract(images, masks, spacings))
+        F = self._to_matrix(self._extract(X, data, mode))
+        return self._with_passthrough(F, X, self.feature_names_out_)
 
     def get_feature_names_out(self, input_features=None) -> np.ndarray:
         """PyRadiomics feature names, e.g. ``original_glcm_Contrast``.
@@ -555,7 +642,7 @@ class RadiomicsFeatures(TransformerMixin, BaseEstimator):
         ndarray of str
         """
         check_is_fitted(self, "feature_names_out_")
-        return self.feature_names_out_.copy()
+        return np.asarray(list(self.feature_names_out_) + self.passthrough_, dtype=object)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

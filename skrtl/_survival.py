@@ -1,4 +1,4 @@
-"""Survival analysis as scikit-learn estimators: penalized Cox model, C-index scorers, selection.
+"""Survival analysis as scikit-learn estimators: targets, penalized Cox model, C-index, selection.
 
 Radiomics and deep-feature studies often predict *time to event* (overall survival, time to
 progression) rather than a class. This module makes a Cox proportional-hazards model a plain
@@ -9,7 +9,10 @@ scikit-learn estimator so it can sit at the end of a :class:`~sklearn.pipeline.P
 
 Survival targets are numpy *structured arrays* with two fields, the event indicator first and
 the time second -- the layout of scikit-survival's ``Surv.from_arrays``. Build them with
-:func:`make_survival_target`.
+:func:`make_survival_target`; :func:`as_survival_target` reads structured arrays and
+DataFrames by field name (``event``/``status``/``death``..., ``time``/``duration``/``days``...)
+in any order. Scorers (C-index, time-dependent AUC, Brier score) live in
+``skrtl._survival_metrics``.
 
 Sign convention (important)
 ---------------------------
@@ -23,7 +26,9 @@ survival), so ``lifelines.utils.concordance_index(T, -risk, E)`` equals
 
 from __future__ import annotations
 
+import re
 import warnings
+from collections.abc import Mapping
 from numbers import Integral, Real
 
 import numpy as np
@@ -42,13 +47,15 @@ from sklearn.utils.validation import (
 
 __all__ = [
     "CoxPHSurvival",
+    "ProportionalHazardsMixin",
     "SelectKBestSurvival",
+    "as_survival_target",
+    "breslow_cumulative_hazard",
     "concordance_index",
-    "concordance_scorer",
     "cox_score_test",
     "kaplan_meier",
-    "make_concordance_scorer",
     "make_survival_target",
+    "survival_target_to_frame",
 ]
 
 _GUIDANCE = (
@@ -62,11 +69,150 @@ _GUIDANCE = (
 # --------------------------------------------------------------------------------------------
 # targets
 # --------------------------------------------------------------------------------------------
+#: Name parts that mark a time field (``Survival.time``, ``duration``, ``OS_days``, ``T``...).
+_TIME_TOKENS = frozenset(
+    {"t", "tte", "futime", "stop", "duration", "durations", "followup", "lenfol"}
+    | {"day", "days", "week", "weeks", "month", "months", "year", "years"}
+)
+_TIME_SUBSTRINGS = ("time", "duration")
+#: Name parts that mark an event indicator (``deadstatus.event``, ``status``, ``E``, ``fstat``...).
+_EVENT_TOKENS = frozenset(
+    {"e", "d", "delta", "fstat", "observed", "died", "deceased", "vital", "relapse"}
+    | {"recurrence", "progression", "failure", "fail", "outcome", "indicator"}
+)
+_EVENT_SUBSTRINGS = ("event", "status", "death", "dead", "cens")
+
+
+def _name_tokens(name) -> list[str]:
+    text = str(name)
+    parts = re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", text)
+    return [p.lower() for p in parts] or [text.lower()]
+
+
+def _looks_like_time(name) -> bool:
+    tokens = _name_tokens(name)
+    return any(t in _TIME_TOKENS or any(s in t for s in _TIME_SUBSTRINGS) for t in tokens)
+
+
+def _looks_like_event(name) -> bool:
+    if _looks_like_time(name):  # "days_to_death", "time_to_event", "event_time" are times
+        return False
+    tokens = _name_tokens(name)
+    return any(t in _EVENT_TOKENS or any(s in t for s in _EVENT_SUBSTRINGS) for t in tokens)
+
+
+def _is_binary(values: np.ndarray) -> bool:
+    s = pd.Series(values)
+    if s.isna().any():
+        return False
+    if s.dtype == bool:
+        return True
+    num = pd.to_numeric(s, errors="coerce")
+    return bool(num.notna().all() and num.isin((0, 1)).all())
+
+
+def _as_event(values, name: str) -> np.ndarray:
+    """Validate an event indicator (bool or 0/1, no missing value); ``name`` goes in errors."""
+    s = pd.Series(np.asarray(values, dtype=object) if _is_nullable(values) else values)
+    if s.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {np.shape(values)!r}.")
+    missing = s.isna().to_numpy()
+    if missing.any():
+        rows = np.flatnonzero(missing)
+        raise ValueError(
+            f"{name} has a missing value (None/NaN) in {rows.size} of {s.size} rows (first at "
+            f"row {rows[0]}). Every sample needs an event indicator (True/1 = event observed, "
+            "False/0 = censored): drop those samples or fill them in."
+        )
+    if s.dtype == bool:
+        return s.to_numpy(dtype=bool)
+    num = pd.to_numeric(s, errors="coerce")
+    bad = num.isna().to_numpy()
+    if bad.any():
+        first = s.iloc[int(np.flatnonzero(bad)[0])]
+        raise ValueError(
+            f"{name} must hold booleans or 0/1 (1 = event observed, 0 = censored), got "
+            f"{first!r} (type {type(first).__name__}). Map labels to booleans first, e.g. "
+            "y['status'] == 'dead'."
+        )
+    not01 = ~num.isin((0, 1)).to_numpy()
+    if not01.any():
+        first = s.iloc[int(np.flatnonzero(not01)[0])]
+        first = first.item() if isinstance(first, np.generic) else first
+        raise ValueError(
+            f"{name} must hold booleans or 0/1 (1 = event observed, 0 = censored), got value "
+            f"{first!r}. Codes such as 1 = censored / 2 = dead (R's survival::lung) must be "
+            "mapped first, e.g. status == 2."
+        )
+    return num.to_numpy(dtype=float).astype(bool)
+
+
+def _as_time(values, name: str) -> np.ndarray:
+    """Validate event / censoring times (finite, non-negative, no missing value)."""
+    s = pd.Series(np.asarray(values, dtype=object) if _is_nullable(values) else values)
+    if s.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {np.shape(values)!r}.")
+    missing = s.isna().to_numpy()
+    if missing.any():
+        rows = np.flatnonzero(missing)
+        raise ValueError(
+            f"{name} has a missing value (None/NaN) in {rows.size} of {s.size} rows (first at "
+            f"row {rows[0]}). Every sample needs a finite event or censoring time: drop samples "
+            "with unknown follow-up."
+        )
+    if s.dtype == bool:
+        raise ValueError(
+            f"{name} holds booleans, but times must be numeric (days, months...). Are the "
+            "event and time fields swapped? Name them 'event' and 'time', or build the "
+            "target with make_survival_target(event, time)."
+        )
+    num = pd.to_numeric(s, errors="coerce")
+    bad = num.isna().to_numpy()
+    if bad.any():
+        first = s.iloc[int(np.flatnonzero(bad)[0])]
+        raise ValueError(
+            f"{name} must be numeric (days, months...), got {first!r} (type "
+            f"{type(first).__name__}). Convert dates or timedeltas to a number first, e.g. "
+            "(end - start).dt.days."
+        )
+    t = num.to_numpy(dtype=float)
+    inf = ~np.isfinite(t)
+    if inf.any():
+        raise ValueError(
+            f"{name} has an infinite value at row {int(np.flatnonzero(inf)[0])}; every sample "
+            "needs a finite event or censoring time (for patients still alive use their last "
+            "follow-up time, with event False)."
+        )
+    neg = t < 0
+    if neg.any():
+        row = int(np.flatnonzero(neg)[0])
+        raise ValueError(
+            f"{name} must be non-negative, got {float(t[row])!r} at row {row} ({int(neg.sum())} "
+            "negative in all). Times are durations since a common origin (diagnosis, start of "
+            "treatment)."
+        )
+    return t
+
+
+def _is_nullable(values) -> bool:
+    """Pandas nullable arrays (``boolean``, ``Int64``) keep ``pd.NA``: read them as objects."""
+    return isinstance(getattr(values, "dtype", None), pd.api.extensions.ExtensionDtype)
+
+
+def _target(event: np.ndarray, time: np.ndarray) -> np.ndarray:
+    out = np.empty(event.shape[0], dtype=[("event", bool), ("time", float)])
+    out["event"] = event
+    out["time"] = time
+    return out
+
+
 def make_survival_target(event, time) -> np.ndarray:
     """Build a survival target: a structured array with fields ``("event", "time")``.
 
-    The layout matches scikit-survival's ``Surv.from_arrays(event, time)``, so targets built
-    here work with scikit-survival too, and its targets work with skrtl.
+    The layout (and the field names) of scikit-survival's ``Surv.from_arrays(event, time)``:
+    targets built here work with scikit-survival, and its targets work with skrtl. For lifelines
+    data (a duration and an event column) pass the two columns; to read a structured array or a
+    DataFrame whose fields are named differently use :func:`as_survival_target`.
 
     Parameters
     ----------
@@ -81,84 +227,241 @@ def make_survival_target(event, time) -> np.ndarray:
     ndarray of shape (n_samples,)
         Structured array with dtype ``[("event", bool), ("time", float)]``.
 
+    Raises
+    ------
+    ValueError
+        If ``event`` is not boolean or 0/1, a time is negative, infinite or missing, or the
+        lengths differ.
+
     Examples
     --------
-    >>> from skrtl._survival import make_survival_target
+    >>> from skrtl import make_survival_target
     >>> y = make_survival_target([1, 0, 1], [5.0, 8.0, 2.5])
     >>> y["event"], y["time"]
     (array([ True, False,  True]), array([5. , 8. , 2.5]))
     """
-    event = np.asarray(event)
-    time = np.asarray(time)
-    if event.ndim != 1 or time.ndim != 1:
+    if np.ndim(event) != 1 or np.ndim(time) != 1:
         raise ValueError(
-            f"event and time must be 1-D, got shapes {event.shape!r} and {time.shape!r}."
+            f"event and time must be 1-D, got shapes {np.shape(event)!r} and {np.shape(time)!r}."
         )
-    if event.shape[0] != time.shape[0]:
+    if len(event) != len(time):
         raise ValueError(
-            f"event has {event.shape[0]} entries but time has {time.shape[0]}; they must be "
-            "aligned (one entry per sample)."
+            f"event has {len(event)} entries but time has {len(time)}; they must be aligned "
+            "(one entry per sample)."
         )
-    event = _as_event(event, "event")
-    time = _as_time(time, "time")
-    out = np.empty(event.shape[0], dtype=[("event", bool), ("time", float)])
-    out["event"] = event
-    out["time"] = time
-    return out
+    if isinstance(event, pd.Series):
+        event = event.reset_index(drop=True)
+    if isinstance(time, pd.Series):
+        time = time.reset_index(drop=True)
+    time = _as_time(time, "time")  # first: boolean times point at swapped arguments
+    return _target(_as_event(event, "event"), time)
 
 
-def _as_event(event: np.ndarray, name: str) -> np.ndarray:
-    if event.dtype == bool:
-        return event
-    try:
-        ev = event.astype(float)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must hold booleans or 0/1, got dtype {event.dtype!r}.") from None
-    bad = ~np.isin(ev, (0.0, 1.0))
-    if bad.any():
-        raise ValueError(
-            f"{name} must hold booleans or 0/1 (1 = event observed, 0 = censored), got value "
-            f"{event[np.flatnonzero(bad)[0]]!r}."
-        )
-    return ev.astype(bool)
+def _fields_of(y):
+    """``(names, getter, structured)`` for a structured array, DataFrame or mapping."""
+    if isinstance(y, Mapping) and not isinstance(y, pd.DataFrame):
+        y = pd.DataFrame(dict(y))
+    if isinstance(y, pd.DataFrame):
+        frame = y.reset_index(drop=True)
+        return list(frame.columns), (lambda f: frame[f]), False
+    arr = np.asarray(y)
+    if arr.dtype.names is None or arr.ndim != 1:
+        return None, None, False
+    return list(arr.dtype.names), (lambda f: arr[f]), True
 
 
-def _as_time(time: np.ndarray, name: str) -> np.ndarray:
-    try:
-        t = time.astype(float)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be numeric, got dtype {time.dtype!r}.") from None
-    if not np.isfinite(t).all():
+def as_survival_target(y, *, event=None, time=None) -> np.ndarray:
+    """Read a survival target from a structured array, a record array or a DataFrame.
+
+    Fields (columns) are found **by name** first, the way scikit-survival and lifelines users
+    name them: an event indicator such as ``event``, ``status``, ``death``, ``dead``,
+    ``deadstatus.event``, ``E``, ``fstat``, ``observed``, and a time such as ``time``,
+    ``duration``, ``days``, ``Survival.time``, ``OS_months``, ``T``, ``futime``. Names that hold
+    a time word win (``days_to_death`` is a time). With two fields of which names identify
+    only one, or none: a boolean field is the event, else the only field holding just 0/1;
+    only then does position decide (event first, time second: the layout of scikit-survival's
+    ``Surv.from_arrays``). So ``(time, event)`` order and a DataFrame ``[time, event]`` work.
+
+    Parameters
+    ----------
+    y : structured array, record array, DataFrame or dict of arrays
+        Survival target. scikit-survival targets (``Surv.from_arrays``,
+        ``Surv.from_dataframe``, its ``load_*`` data sets) and skrtl's are read as they are.
+    event, time : str, optional
+        Name of the event / time field, when the names do not say it (or say it ambiguously,
+        e.g. several time columns).
+
+    Returns
+    -------
+    ndarray of shape (n_samples,)
+        Structured array ``[("event", bool), ("time", float)]`` (as
+        :func:`make_survival_target`).
+
+    Raises
+    ------
+    ValueError
+        If ``y`` is not a structured target, the fields cannot be told apart, or the values
+        are invalid (missing, negative or infinite times; event not boolean or 0/1). The
+        message names the field.
+
+    See Also
+    --------
+    make_survival_target : build a target from an event and a time array.
+    survival_target_to_frame : the reverse, a DataFrame for lifelines.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from skrtl import as_survival_target
+    >>> df = pd.DataFrame({"duration": [5.0, 8.0], "observed": [1, 0]})  # lifelines style
+    >>> as_survival_target(df)
+    array([( True, 5.), (False, 8.)], dtype=[('event', '?'), ('time', '<f8')])
+    """
+    if y is None:
         raise ValueError(
-            f"{name} contains NaN or infinite values; every sample needs a finite event or "
-            "censoring time (drop samples with unknown follow-up)."
+            "A survival model requires y to be passed, but the target y is None. Pass a "
+            "survival target: y = skrtl.make_survival_target(event, time)."
         )
-    if (t < 0).any():
-        raise ValueError(f"{name} must be non-negative, got minimum {t.min()!r}.")
-    return t
+    names, get, structured = _fields_of(y)
+    if names is None:
+        shape = np.shape(y)
+        dtype = getattr(y, "dtype", type(y).__name__)
+        raise ValueError(
+            "A survival target must be a structured array (or a DataFrame) with an event "
+            "indicator and a time field, e.g. y = skrtl.make_survival_target(event, time) "
+            f"(the layout of scikit-survival's Surv.from_arrays). Got {dtype!r} of shape "
+            f"{shape!r}."
+            + (
+                " A plain 1-D array of times has no event indicator: pass the events too."
+                if len(shape) == 1
+                else ""
+            )
+        )
+    for arg, value in (("event", event), ("time", time)):
+        if value is not None and value not in names:
+            raise ValueError(f"{arg}={value!r} is not a field of y; fields are {names!r}.")
+    if event is not None and event == time:
+        raise ValueError(f"event and time name the same field {event!r}.")
+    ev_field, t_field = event, time
+    rest = [f for f in names if f not in (event, time)]
+    if t_field is None:
+        cands = [f for f in rest if _looks_like_time(f)]
+        if len(cands) > 1:
+            raise ValueError(
+                f"Several fields of y look like times: {cands!r}. Pass time=<name> (and "
+                "event=<name>) to as_survival_target, or build the target with "
+                "make_survival_target(event, time)."
+            )
+        t_field = cands[0] if cands else None
+    if ev_field is None:
+        cands = [f for f in rest if f != t_field and _looks_like_event(f)]
+        if len(cands) > 1:
+            raise ValueError(
+                f"Several fields of y look like event indicators: {cands!r}. Pass "
+                "event=<name> to as_survival_target, or build the target with "
+                "make_survival_target(event, time)."
+            )
+        ev_field = cands[0] if cands else None
+    if ev_field is None or t_field is None:
+        if len(names) != 2:
+            raise ValueError(
+                f"Cannot tell the event and time fields of y apart from their names {names!r}"
+                f" (found event={ev_field!r}, time={t_field!r}). Name them 'event' and "
+                "'time', pass event=/time= to as_survival_target, or use "
+                "make_survival_target(event, time)."
+            )
+        ev_field, t_field = _by_values(names, get, ev_field, t_field)
+    ev_values = get(ev_field)
+    sksurv_layout = structured and ev_field == names[0] and np.asarray(ev_values).dtype == bool
+    if event is None and not sksurv_layout and any("cens" in t for t in _name_tokens(ev_field)):
+        raise ValueError(
+            f"Field {ev_field!r} would be read as the event indicator, but its name suggests "
+            "1 = censored, the opposite. Build the target explicitly: "
+            f"make_survival_target(event=~y[{ev_field!r}].astype(bool), time=y[{t_field!r}]) "
+            f"if 1 means censored, or as_survival_target(y, event={ev_field!r}) if 1 means "
+            "the event was observed."
+        )
+    n = len(ev_values)
+    out_event = _as_event(ev_values, f"y[{ev_field!r}] (event)")
+    out_time = _as_time(get(t_field), f"y[{t_field!r}] (time)")
+    if out_time.shape[0] != n:  # pragma: no cover - fields of one array have one length
+        raise ValueError("event and time fields differ in length.")
+    return _target(out_event, out_time)
+
+
+def _by_values(names, get, ev_field, t_field):
+    """Two fields, names not decisive: boolean dtype, then 0/1 values, then position."""
+    if ev_field is not None:
+        return ev_field, next(f for f in names if f != ev_field)
+    if t_field is not None:
+        return next(f for f in names if f != t_field), t_field
+    is_bool = [pd.Series(get(f)).dtype == bool for f in names]
+    if sum(is_bool) == 1:
+        ev = names[is_bool.index(True)]
+        return ev, next(f for f in names if f != ev)
+    for drop_missing in (False, True):  # a 0/1 field with gaps is still the event field
+        binary = [_is_binary(_values(get(f), drop_missing)) for f in names]
+        if sum(binary) == 1:
+            ev = names[binary.index(True)]
+            return ev, next(f for f in names if f != ev)
+        if sum(binary) == 2:
+            return names[0], names[1]
+    raise ValueError(
+        f"Neither field of y {names!r} holds an event indicator (booleans or 0/1). Name the "
+        "fields 'event' and 'time', pass event=/time= to as_survival_target, or build the "
+        "target with make_survival_target(event, time)."
+    )
+
+
+def _values(column, drop_missing: bool) -> np.ndarray:
+    s = pd.Series(np.asarray(column, dtype=object) if _is_nullable(column) else column)
+    return (s.dropna() if drop_missing else s).to_numpy()
+
+
+def survival_target_to_frame(
+    y, *, duration_col: str = "duration", event_col: str = "event"
+) -> pd.DataFrame:
+    """A survival target as a lifelines-style DataFrame (a duration and an event column).
+
+    Parameters
+    ----------
+    y : structured array or DataFrame
+        Any target :func:`as_survival_target` reads.
+    duration_col, event_col : str
+        Column names, to pass on as ``CoxPHFitter().fit(df, duration_col, event_col)``.
+
+    Returns
+    -------
+    DataFrame
+        Columns ``duration_col`` (float) and ``event_col`` (int 0/1).
+
+    Examples
+    --------
+    >>> from skrtl import make_survival_target, survival_target_to_frame
+    >>> survival_target_to_frame(make_survival_target([1, 0], [5.0, 8.0]), duration_col="T",
+    ...                          event_col="E")
+         T  E
+    0  5.0  1
+    1  8.0  0
+    """
+    if duration_col == event_col:
+        raise ValueError(f"duration_col and event_col must differ, both are {event_col!r}.")
+    y = as_survival_target(y)
+    return pd.DataFrame({duration_col: y["time"], event_col: y["event"].astype(int)})
 
 
 def _check_survival_y(y, *, estimator_name: str = "estimator") -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(event, time)`` from a structured survival target, or raise a clear error."""
+    """Return ``(event, time)`` from a survival target, or raise a clear error."""
     if y is None:
         raise ValueError(
             f"{estimator_name} requires y to be passed, but the target y is None. Pass a "
             "survival target: y = skrtl.make_survival_target(event, time)."
         )
-    if isinstance(y, pd.DataFrame):
-        y = y.to_records(index=False)
-    y = np.asarray(y)
-    names = y.dtype.names
-    if names is None or len(names) != 2 or y.ndim != 1:
-        raise ValueError(
-            f"{estimator_name} needs a survival target: a structured array with two fields, "
-            "event indicator first and time second, e.g. "
-            "y = skrtl.make_survival_target(event, time) (same layout as scikit-survival's "
-            f"Surv.from_arrays). Got an array of dtype {y.dtype!r} and shape {y.shape!r}."
-        )
-    event = _as_event(np.asarray(y[names[0]]), f"y[{names[0]!r}] (event)")
-    time = _as_time(np.asarray(y[names[1]]), f"y[{names[1]!r}] (time)")
-    return event, time
+    try:
+        y = as_survival_target(y)
+    except ValueError as exc:
+        raise ValueError(f"{estimator_name}: {exc}") from None
+    return y["event"], y["time"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,99 +634,115 @@ def _ipcw_weights(g_times: np.ndarray, g_surv: np.ndarray, time: np.ndarray) -> 
         return np.where(g > 0, 1.0 / np.square(g), 0.0)
 
 
-class _ConcordanceScorer:
-    """Scorer ``scorer(estimator, X, y)`` computing the C-index of ``estimator.predict(X)``."""
+# --------------------------------------------------------------------------------------------
+# proportional hazards: baseline hazard, survival functions, score
+# --------------------------------------------------------------------------------------------
+def breslow_cumulative_hazard(y, risk) -> tuple[np.ndarray, np.ndarray]:
+    """Breslow estimate of the baseline cumulative hazard given risk scores.
 
-    def __init__(self, method: str = "harrell", tau: float | None = None, censoring="auto"):
-        self.method = method
-        self.tau = tau
-        self.censoring = censoring
-
-    def __call__(self, estimator, X, y, sample_weight=None) -> float:
-        risk = estimator.predict(X)
-        if self.method == "harrell":
-            return concordance_index(y, risk, tau=self.tau, sample_weight=sample_weight)
-        event, time = _check_survival_y(y, estimator_name="concordance scorer")
-        g = _censoring_of(estimator) if self.censoring == "auto" else None
-        if g is None:
-            g = kaplan_meier(time, ~event)
-        row_weight = _ipcw_weights(g[0], g[1], time)
-        risk = np.asarray(risk, dtype=float).ravel()
-        sw = None if sample_weight is None else _check_sample_weight(sample_weight, risk)
-        conc, tied, comp = _concordance_counts(
-            time, event, risk, row_weight=row_weight, sample_weight=sw, tau=self.tau
-        )
-        if comp == 0:
-            raise ValueError("No comparable pairs in this split for Uno's C-index.")
-        return (conc + 0.5 * tied) / comp
-
-    def __repr__(self) -> str:
-        return (
-            f"make_concordance_scorer(method={self.method!r}, tau={self.tau!r}, "
-            f"censoring={self.censoring!r})"
-        )
-
-
-def _censoring_of(estimator):
-    """The training censoring distribution stored by a fitted skrtl survival estimator."""
-    for _ in range(8):
-        if hasattr(estimator, "censoring_times_"):
-            return estimator.censoring_times_, estimator.censoring_survival_
-        if hasattr(estimator, "best_estimator_"):
-            estimator = estimator.best_estimator_
-        elif hasattr(estimator, "_final_estimator"):
-            estimator = estimator._final_estimator
-        else:
-            return None
-    return None
-
-
-def make_concordance_scorer(
-    method: str = "harrell", *, tau: float | None = None, censoring: str = "auto"
-):
-    """Make a C-index scorer for ``scoring=`` in GridSearchCV, cross_validate, ...
-
-    The scorer calls ``estimator.predict(X)`` and treats the result as a risk score (higher =
-    shorter survival; see :func:`concordance_index`).
+    ``H0(t) = sum_{t_j <= t} d_j / sum_{i : time_i >= t_j} exp(risk_i)`` at every distinct
+    time ``t_j`` of ``y`` (``d_j`` events at ``t_j``), so that ``H(t | x) = H0(t) *
+    exp(risk(x))``. For a Cox model's risks it is lifelines' ``baseline_cumulative_hazard_``.
 
     Parameters
     ----------
-    method : {"harrell", "uno"}
-        Harrell's C or Uno's IPCW C.
-    tau : float, optional
-        Truncation time (pairs whose earlier time is ``>= tau`` are ignored).
-    censoring : {"auto", "test"}
-        Where Uno's censoring distribution comes from. ``"auto"``: the training censoring
-        distribution stored by a fitted :class:`CoxPHSurvival` (also found inside a
-        Pipeline / GridSearchCV), else the test fold's own. ``"test"``: always the test fold.
+    y : structured array of shape (n,)
+        Survival target (:func:`make_survival_target`).
+    risk : array-like of shape (n,)
+        Risk scores (log partial hazards) of the same samples.
 
     Returns
     -------
-    callable
-        ``scorer(estimator, X, y, sample_weight=None) -> float``.
-
-    Examples
-    --------
-    >>> from skrtl._survival import make_concordance_scorer
-    >>> scoring = {"harrell": make_concordance_scorer(), "uno": make_concordance_scorer("uno")}
+    times : ndarray
+        Distinct times of ``y``, sorted.
+    cumulative_hazard : ndarray
+        ``H0`` at ``times``.
     """
-    if method not in ("harrell", "uno"):
-        raise ValueError(f"method must be 'harrell' or 'uno', got {method!r}.")
-    if censoring not in ("auto", "test"):
-        raise ValueError(f"censoring must be 'auto' or 'test', got {censoring!r}.")
-    if tau is not None and not (isinstance(tau, Real) and tau > 0):
-        raise ValueError(f"tau must be a positive number or None, got {tau!r}.")
-    return _ConcordanceScorer(method=method, tau=tau, censoring=censoring)
+    event, time = _check_survival_y(y, estimator_name="breslow_cumulative_hazard")
+    risk = np.asarray(risk, dtype=float).reshape(-1)
+    check_consistent_length(time, risk)
+    times, inv = np.unique(time, return_inverse=True)
+    deaths = np.bincount(inv, weights=event.astype(float), minlength=times.size)
+    hazard = np.bincount(inv, weights=np.exp(risk), minlength=times.size)
+    at_risk = np.cumsum(hazard[::-1])[::-1]
+    return times, np.cumsum(deaths / at_risk)
 
 
-#: Harrell's C-index scorer (``scoring=concordance_scorer``).
-concordance_scorer = make_concordance_scorer()
+class ProportionalHazardsMixin:
+    """Survival functions and the C-index of a fitted proportional-hazards risk model.
+
+    The estimator's ``predict(X)`` returns the risk score (log partial hazard, higher =
+    shorter survival) and ``fit`` sets ``unique_times_`` and ``baseline_cumulative_hazard_``
+    (the baseline ``H0`` at those times, e.g. :func:`breslow_cumulative_hazard` of the
+    training risks) and ``event_times_`` (the default time grid). Shared by
+    :class:`CoxPHSurvival` and :class:`~skrtl.FineTuneSurvival`.
+    """
+
+    def predict_partial_hazard(self, X) -> np.ndarray:
+        """Hazard ratio relative to a sample of risk 0: ``exp(predict(X))``."""
+        return np.exp(self.predict(X))
+
+    def predict_cumulative_hazard_function(self, X, times=None) -> np.ndarray:
+        """Cumulative hazard ``H(t | x) = H0(t) * exp(predict(x))`` at ``times``.
+
+        Parameters
+        ----------
+        X : array-like or image frame
+            What ``predict`` takes.
+        times : array-like of shape (n_times,), optional
+            Defaults to ``event_times_``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_times)
+        """
+        lp = self.predict(X)
+        times = self.event_times_ if times is None else np.asarray(times, dtype=float).ravel()
+        h0 = _step_right(self.unique_times_, self.baseline_cumulative_hazard_, times, 0.0)
+        return np.exp(lp)[:, None] * h0[None, :]
+
+    def predict_survival_function(self, X, times=None) -> np.ndarray:
+        """Survival probability ``S(t | x) = exp(-H(t | x))`` at ``times``.
+
+        Parameters
+        ----------
+        X : array-like or image frame
+            What ``predict`` takes.
+        times : array-like of shape (n_times,), optional
+            Defaults to ``event_times_``. For :class:`CoxPHSurvival` it equals lifelines'
+            ``predict_survival_function``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_times)
+        """
+        return np.exp(-self.predict_cumulative_hazard_function(X, times))
+
+    def score(self, X, y, sample_weight=None) -> float:
+        """Harrell's C-index of ``predict(X)`` (higher risk = shorter survival).
+
+        For Uno's IPCW C-index use ``scoring=make_concordance_scorer("uno")``; for
+        time-dependent AUC and Brier scores :func:`make_time_dependent_auc_scorer` and
+        :func:`make_brier_scorer`.
+
+        Parameters
+        ----------
+        X : array-like or image frame
+            What ``predict`` takes.
+        y : structured array of shape (n_samples,)
+        sample_weight : array-like of shape (n_samples,), optional
+
+        Returns
+        -------
+        float
+        """
+        return concordance_index(y, self.predict(X), sample_weight=sample_weight)
 
 
 # --------------------------------------------------------------------------------------------
 # Cox model
 # --------------------------------------------------------------------------------------------
-class CoxPHSurvival(BaseEstimator):
+class CoxPHSurvival(ProportionalHazardsMixin, BaseEstimator):
     """Cox proportional-hazards model (lifelines' ``CoxPHFitter``) as a scikit-learn estimator.
 
     Fits exactly lifelines' penalized Cox model (Efron ties, Breslow baseline) on a feature
@@ -467,7 +786,12 @@ class CoxPHSurvival(BaseEstimator):
     event_times_ : ndarray
         Distinct training event times (default grid of :meth:`predict_survival_function`).
     censoring_times_, censoring_survival_ : ndarray
-        Kaplan-Meier estimate of the training *censoring* distribution (used by Uno's C).
+        Kaplan-Meier estimate of the training *censoring* distribution.
+    survival_train_ : structured array of shape (n_train,)
+        The training target (samples with positive weight). The IPCW scorers (Uno's C,
+        time-dependent AUC, Brier score) estimate the censoring distribution from it, so that
+        a test fold is weighted by the *training* censoring, as scikit-survival's metrics
+        expect. lifelines' model stores the same times (``lifelines_model_.durations``).
     concordance_index_ : float
         Harrell's C on the training data (same value as lifelines' ``concordance_index_``).
     log_likelihood_ : float
@@ -653,6 +977,7 @@ class CoxPHSurvival(BaseEstimator):
         self.censoring_times_, self.censoring_survival_ = kaplan_meier(
             time, ~event, sample_weight=sw
         )
+        self.survival_train_ = make_survival_target(event, time)
         self.log_likelihood_ = float(cph.log_likelihood_)
         self.concordance_index_ = concordance_index(
             make_survival_target(event, time), self._linear_predictor(X)
@@ -700,60 +1025,6 @@ class CoxPHSurvival(BaseEstimator):
         ndarray of shape (n_samples,)
         """
         return self._linear_predictor(self._validate_X(X))
-
-    def predict_partial_hazard(self, X) -> np.ndarray:
-        """Hazard ratio relative to a sample at the training mean: ``exp(predict(X))``."""
-        return np.exp(self.predict(X))
-
-    def predict_cumulative_hazard_function(self, X, times=None) -> np.ndarray:
-        """Cumulative hazard ``H(t | x) = H0(t) * exp(predict(x))`` at ``times``.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        times : array-like of shape (n_times,), optional
-            Defaults to ``event_times_``.
-
-        Returns
-        -------
-        ndarray of shape (n_samples, n_times)
-        """
-        lp = self.predict(X)
-        times = self.event_times_ if times is None else np.asarray(times, dtype=float).ravel()
-        h0 = _step_right(self.unique_times_, self.baseline_cumulative_hazard_, times, 0.0)
-        return np.exp(lp)[:, None] * h0[None, :]
-
-    def predict_survival_function(self, X, times=None) -> np.ndarray:
-        """Survival probability ``S(t | x) = exp(-H(t | x))`` at ``times``.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        times : array-like of shape (n_times,), optional
-            Defaults to ``event_times_``. Equals lifelines' ``predict_survival_function``.
-
-        Returns
-        -------
-        ndarray of shape (n_samples, n_times)
-        """
-        return np.exp(-self.predict_cumulative_hazard_function(X, times))
-
-    def score(self, X, y, sample_weight=None) -> float:
-        """Harrell's C-index of ``predict(X)`` (higher risk = shorter survival).
-
-        For Uno's IPCW C-index use ``scoring=make_concordance_scorer("uno")``.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : structured array of shape (n_samples,)
-        sample_weight : array-like of shape (n_samples,), optional
-
-        Returns
-        -------
-        float
-        """
-        return concordance_index(y, self.predict(X), sample_weight=sample_weight)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,14 @@ imbalanced-learn's ``test_common.py``.
 
 from __future__ import annotations
 
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import blob_images
 from optuna.distributions import FloatDistribution
+from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
@@ -20,6 +27,7 @@ from skrtl._calibration import (
     VectorScaling,
 )
 from skrtl._combat import ComBatHarmonizer
+from skrtl._cropper import LesionCropper
 from skrtl._domain_adaptation import DomainAdapter, make_site_da_pipeline
 from skrtl._features import PretrainedCNNFeatures
 from skrtl._finetune import FineTuneClassifier
@@ -31,8 +39,11 @@ from skrtl._harmonize import (
 )
 from skrtl._label_shift import LabelShiftAdapter
 from skrtl._radiomics import RadiomicsFeatures
+from skrtl._redundancy import CorrelationClusterSelector
 from skrtl._search import TransferSearchCV
-from skrtl._survival import CoxPHSurvival, SelectKBestSurvival
+from skrtl._survival import CoxPHSurvival, SelectKBestSurvival, make_survival_target
+from skrtl._survival_finetune import FineTuneSurvival
+from skrtl._survival_fusion import SurvivalEnsemble
 
 _CAL = (
     "X must hold one logit/probability column per class; sklearn's checks pass feature matrices "
@@ -91,6 +102,15 @@ _COX_CHECKS = _SURV_CHECKS + [
     "check_sample_weights_pandas_series",
     "check_sample_weights_shape",
 ]
+# a meta-estimator reads y before its members validate X
+_ENSEMBLE_CHECKS = _SURV_CHECKS + [
+    "check_complex_data",
+    "check_estimator_sparse_array",
+    "check_estimator_sparse_matrix",
+    "check_estimator_sparse_tag",
+    "check_estimators_empty_data_messages",
+    "check_fit2d_1sample",
+]
 _SEL_CHECKS = _SURV_CHECKS + [
     "check_transformer_data_not_an_array",
     "check_transformer_general",
@@ -128,6 +148,27 @@ _DA_PIPELINE_CHECKS = [c for c in _COMBAT_CHECKS if not c.startswith("check_tran
     "check_supervised_y_2d",
 ]
 
+
+def _finetune():
+    """A one-epoch, randomly initialised fine-tuning classifier (fast)."""
+    return FineTuneClassifier(
+        input_size=32,
+        max_epochs=1,
+        batch_size=8,
+        n_estimators=1,
+        pretrained=False,
+        validation_fraction=None,
+        random_state=0,
+    )
+
+
+def _finetune_survival():
+    """The same tiny network fine-tuned against the Cox partial likelihood."""
+    params = _finetune().get_params()
+    params.pop("class_weight")
+    return FineTuneSurvival(**params)
+
+
 ESTIMATORS: list = [
     # image estimators: their tags say they take image arrays, not sklearn's tabular test data,
     # so sklearn runs only its data-free checks on them (clone, params, repr, tags, unfitted);
@@ -140,15 +181,9 @@ ESTIMATORS: list = [
     HistogramMatcher(),
     IntensityWindow(),
     IntensityStandardizer(),
-    FineTuneClassifier(
-        input_size=32,
-        max_epochs=1,
-        batch_size=8,
-        n_estimators=1,
-        pretrained=False,
-        validation_fraction=None,
-        random_state=0,
-    ),
+    _finetune(),
+    _finetune_survival(),
+    LesionCropper(),
     # feature-level harmonization and domain adaptation (skada)
     ComBatHarmonizer(),
     DomainAdapter("coral", target_sites="B"),
@@ -169,6 +204,8 @@ ESTIMATORS: list = [
     # survival
     CoxPHSurvival(penalizer=0.1),
     SelectKBestSurvival(k=2),
+    CorrelationClusterSelector(),
+    SurvivalEnsemble([("a", CoxPHSurvival(penalizer=0.1)), ("b", CoxPHSurvival(penalizer=1.0))]),
 ]
 
 # {estimator class name: {check name: reason}}
@@ -181,6 +218,7 @@ EXPECTED_FAILED_CHECKS: dict[str, dict[str, str]] = {
     "SiteDAPipeline": dict.fromkeys(_DA_PIPELINE_CHECKS, _DA),
     "CoxPHSurvival": dict.fromkeys(_COX_CHECKS, _SURV),
     "SelectKBestSurvival": dict.fromkeys(_SEL_CHECKS, _SURV),
+    "SurvivalEnsemble": dict.fromkeys(_ENSEMBLE_CHECKS, _SURV),
 }
 
 
@@ -210,3 +248,79 @@ if ESTIMATORS:
     @parametrize_with_checks(ESTIMATORS, expected_failed_checks=_expected_failed_checks)
     def test_sklearn_compatible_estimator(estimator, check):
         check(estimator)
+
+
+# --------------------------------------------------------------------------------------------
+# image-estimator checks: sklearn's checks cannot feed images, so these run the invariances
+# that matter (clone, pickle, idempotent fit, subset invariance) on tiny image frames
+# --------------------------------------------------------------------------------------------
+
+
+def _tiny_frame():
+    X, y, masks = blob_images(n=12)
+    from skrtl import make_image_frame
+
+    frame = make_image_frame(
+        X * 40 + 100, masks=masks, spacing=(0.7, 0.7), sites=list("AAAABBBBCCCC")
+    )
+    return frame, y
+
+
+def _numeric(out):
+    """A numeric array of an estimator's output (images of an image frame stacked)."""
+    if isinstance(out, pd.DataFrame):
+        if "image" in out.columns:
+            return np.stack([np.asarray(v, dtype=np.float64) for v in out["image"]])
+        return out.to_numpy(dtype=np.float64)
+    return np.asarray(out, dtype=np.float64)
+
+
+# (id, factory, method, fit uses y, fit params maker)
+IMAGE_ESTIMATORS = [
+    ("features", lambda: PretrainedCNNFeatures(input_size=32, precision="fp32"), "transform"),
+    ("finetune", _finetune, "predict_proba"),
+    ("finetune_survival", _finetune_survival, "predict"),
+    ("adabn", lambda: AdaBN(PretrainedCNNFeatures(input_size=32, precision="fp32")), "transform"),
+    ("radiomics", lambda: RadiomicsFeatures(features=["firstorder"]), "transform"),
+    ("spacing", lambda: SpacingResampler(target_spacing=(1.0, 1.0)), "transform"),
+    ("histogram", lambda: HistogramMatcher(), "transform"),
+    ("window", lambda: IntensityWindow(windows=(100.0, 80.0)), "transform"),
+    ("standardizer", lambda: IntensityStandardizer(), "transform"),
+]
+
+
+def _fit(est, frame, y):
+    if isinstance(est, FineTuneSurvival):  # a survival target from the class labels
+        time = 10.0 - 4.0 * y + 0.25 * np.arange(len(y))
+        return est.fit(frame, make_survival_target(np.arange(len(y)) % 3 != 0, time))
+    if isinstance(est, AdaBN):
+        sites = frame["site"].to_numpy()
+        return est.fit(frame[sites != "C"], y[sites != "C"], X_target=frame[sites == "C"])
+    return est.fit(frame, y)
+
+
+@pytest.mark.parametrize(
+    "name, make, method", IMAGE_ESTIMATORS, ids=[e[0] for e in IMAGE_ESTIMATORS]
+)
+def test_image_estimator_invariances(name, make, method):
+    if name == "radiomics":
+        pytest.importorskip("radiomics")
+    frame, y = _tiny_frame()
+    est = make()
+    # clone: same parameters, nothing fitted
+    twin = clone(est)
+    assert twin.get_params(deep=False).keys() == est.get_params(deep=False).keys()
+    assert not [k for k in vars(twin) if k.endswith("_") and not k.startswith("_")]
+    _fit(est, frame, y)
+    out = _numeric(getattr(est, method)(frame))
+    assert out.shape[0] == len(frame) and np.all(np.isfinite(out))
+    # pickle round trip: identical output
+    again = pickle.loads(pickle.dumps(est))
+    np.testing.assert_allclose(_numeric(getattr(again, method)(frame)), out, rtol=1e-6, atol=1e-6)
+    # idempotent fit: refitting on the same data gives the same output
+    _fit(est, frame, y)
+    np.testing.assert_allclose(_numeric(getattr(est, method)(frame)), out, rtol=1e-5, atol=1e-5)
+    # subset invariance: a subset of rows (another batch composition) gives the same rows
+    rows = np.array([7, 2, 10, 0])
+    part = _numeric(getattr(est, method)(frame.iloc[rows]))
+    np.testing.assert_allclose(part, out[rows], rtol=1e-4, atol=1e-5)

@@ -108,7 +108,24 @@ def load_medmnist(path, *, split: str = "train", as_frame: bool = False, downloa
         _download(p, split)
         if not p.exists():
             raise FileNotFoundError(f"medmnist did not write {str(p)!r} (size not 28?).")
-    with np.load(p) as data:
+    if p.is_dir():
+        raise ValueError(f"{str(p)!r} is a folder; pass the path of a MedMNIST .npz file.")
+    try:
+        data = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(
+            f"{str(p)!r} is not a MedMNIST .npz file (a zip archive of numpy arrays such as "
+            f"train_images / train_labels); numpy could not read it ({type(exc).__name__}). "
+            "Download one with skrtl.datasets.load_medmnist(..., download=True) or from "
+            "https://medmnist.com."
+        ) from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(
+            f"{str(p)!r} holds a single array (a .npy file, shape {np.shape(data)!r}), not a "
+            "MedMNIST .npz archive with train_images / train_labels / ... arrays. Save images "
+            "and labels together with np.savez(path, train_images=..., train_labels=..., ...)."
+        )
+    with data:
         key_x, key_y = f"{split}_images", f"{split}_labels"
         if key_x not in data or key_y not in data:
             raise KeyError(

@@ -1,0 +1,66 @@
+"""Shared test fixtures: tiny images, volumes and image frames with masks and sites.
+
+Everything is small (a few 32 px images) so that tests stay fast on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from skrtl import make_image_frame
+
+SIZE = 32
+
+
+def blob_images(n: int = 12, size: int = SIZE, seed: int = 0):
+    """Noisy images with a bright disc (class 1) or a dark diamond (class 0), and masks."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    X = rng.normal(0.0, 0.1, (n, size, size)).astype(np.float32)
+    y = np.arange(n) % 2
+    masks = np.zeros((n, size, size), dtype=bool)
+    for i in range(n):
+        cy, cx = rng.integers(size // 3, 2 * size // 3, 2)
+        if y[i]:
+            m = (yy - cy) ** 2 + (xx - cx) ** 2 < (size // 5) ** 2
+            X[i][m] += 2.0
+        else:
+            m = abs(yy - cy) + abs(xx - cx) < size // 5
+            X[i][m] -= 1.0
+        masks[i] = m
+    return X, y, masks
+
+
+def blob_volumes(n: int = 8, depth: int = 6, size: int = SIZE, seed: int = 0):
+    """Volumes ``(n, depth, size, size)`` with a cubic lesion mask on two middle slices."""
+    rng = np.random.default_rng(seed)
+    vols = rng.normal(size=(n, depth, size, size)).astype(np.float32)
+    y = np.arange(n) % 2
+    masks = np.zeros_like(vols, dtype=bool)
+    masks[:, depth // 2 - 1 : depth // 2 + 1, 10:20, 10:20] = True
+    vols[y == 1] += 0.5 * masks[y == 1]
+    return vols, y, masks
+
+
+@pytest.fixture
+def images():
+    """``(X, y)``: 12 tiny 2-D images of two classes."""
+    X, y, _ = blob_images()
+    return X, y
+
+
+@pytest.fixture
+def image_frame():
+    """``(frame, y)``: the tiny images with masks, spacing and three sites."""
+    X, y, masks = blob_images()
+    sites = np.array(list("AAAABBBBCCCC"))
+    frame = make_image_frame(X, masks=masks, spacing=(0.7, 0.7), sites=sites)
+    return frame, y
+
+
+@pytest.fixture
+def volume_frame():
+    """``(frame, y)``: 8 tiny volumes with lesion masks."""
+    vols, y, masks = blob_volumes()
+    return make_image_frame(list(vols), masks=list(masks), spacing=(2.0, 0.7, 0.7)), y
