@@ -524,6 +524,7 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
                 target_sites=list(self.target_sites_),
                 per_site=True,
                 unseen=unseen,
+                check_shift=False,
             ).fit(df)
         return _Route(name, None, self.features_, step, names)
 

@@ -377,3 +377,29 @@ def test_histogram_matcher_check_shift():
     wide = make_image_frame(_half_tissue(60, 4, rng), sites=["B"] * 60)
     with pytest.warns(HarmonizationWarning, match="HistogramMatcher increased .* site 'B'"):
         hm.transform(wide)
+
+
+def test_domain_adapter_check_shift():
+    pytest.importorskip("skada")
+    from skrtl import DomainAdapter
+
+    rng = np.random.default_rng(0)
+    # the same distribution at both sites, but outliers at the target inflate its covariance:
+    # CORAL recolours the source rows with it, which moves them away from the target's
+    X = pd.DataFrame(rng.normal(size=(400, 3)), columns=["f", "g", "h"])
+    X.loc[200:209, ["f", "g"]] = 30.0
+    X["site"] = ["A"] * 200 + ["B"] * 200
+    with pytest.warns(HarmonizationWarning, match="DomainAdapter\\('coral'\\) increased"):
+        da = DomainAdapter("coral", target_sites="B").fit(X)
+    assert da.shift_changes_["A"].increased
+    # a covariance shift, what CORAL is for: no warning
+    Y = pd.DataFrame(rng.normal(size=(400, 3)), columns=["f", "g", "h"])
+    Y.iloc[200:] = Y.iloc[200:].to_numpy() @ np.array([[3.0, 1.0, 0], [0, 0.5, 0], [0, 0, 2.0]])
+    Y["site"] = ["A"] * 200 + ["B"] * 200
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HarmonizationWarning)
+        ok = DomainAdapter("coral", target_sites="B").fit(Y)
+        off = DomainAdapter("coral", target_sites="B", check_shift=False).fit(X)
+    assert ok.shift_changes_ and not ok.shift_changes_["A"].increased
+    assert ok.shift_changes_["A"].mmd_after < ok.shift_changes_["A"].mmd_before
+    assert off.shift_changes_ == {}
