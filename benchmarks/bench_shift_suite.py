@@ -245,6 +245,39 @@ def print_cell(r):
     )
 
 
+def merge(args):
+    """One result file from runs of the same split over different data sets."""
+    import json
+
+    parts = [json.loads(Path(f).read_text()) for f in args.merge]
+    splits = {p["config"]["split"] for p in parts}
+    if len(splits) != 1:
+        raise SystemExit(f"--merge: the runs are of different splits {sorted(splits)!r}")
+    split = splits.pop()
+    name = "shift_suite" if split == "test" else "shift_suite_dev"
+    bench = Benchmark(name, issue=16, args=args)
+    config = dict(parts[0]["config"])
+    config["datasets"] = [d for p in parts for d in p["config"]["datasets"]]
+    config["n_eval_max"] = {
+        d: p["config"]["n_eval_max"] for p in parts for d in p["config"]["datasets"]
+    }
+    config["merged_from"] = [str(f) for f in args.merge]
+    keep = ("cell", "clean", "failed")
+    rows = [r for p in parts for r in p["results"] if r.get("section") in keep]
+    seconds = sum(
+        r["seconds"] for p in parts for r in p["results"] if r.get("section") == "total"
+    )
+    cells = [r for r in rows if r.get("section") == "cell"]
+    out = rows + harmonizer_rows(cells) + [{"section": "total", "seconds": seconds}]
+    bench.write(
+        config=config,
+        results=out,
+        summary=summarise(out),
+        notes=[n for n in parts[0]["notes"]] + ["merged from runs over separate data sets"],
+    )
+    print(json.dumps(summarise(out), indent=1))
+
+
 def main(argv=None):
     ap = bench_parser(__doc__)
     ap.add_argument("--split", choices=["test", "val"], default="test")
@@ -260,7 +293,17 @@ def main(argv=None):
         help="at most this many evaluation images (default: all for test, 256 for val)",
     )
     ap.add_argument("--dump", type=Path, default=None, help="save target features per cell")
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="combine the results of runs over different data sets (e.g. run in parallel) "
+        "into one result file, recomputing the summary; runs nothing",
+    )
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args)
     if args.n_eval is None and args.split == "val":
         args.n_eval = 256
     name = "shift_suite" if args.split == "test" else "shift_suite_dev"
