@@ -18,29 +18,30 @@ The criteria (``scores_`` columns), on the final features of each candidate:
 ``mmd``, ``mmd_p``
     Source-target discrepancy of the final features: squared MMD and its permutation p-value
     (:func:`skrtl._base.measure_shift`).
-``agreement``, ``corroboration``, ``score_ks``, ``entropy``
-    Reported, not used by the rule: the Spearman correlation between the candidate's target
-    decision scores and those of no adaptation; its mean correlation with the other
-    candidates' minus ``agreement``; the Kolmogorov-Smirnov distance between the standardised
-    target scores and the out-of-fold source scores; the mean entropy of the target
-    predictions (Morerio et al. 2018). On the development grid none of them told a helpful
-    harmonizer from a harmful one.
+``agreement``
+    Spearman correlation between the candidate's decision scores of the target images and
+    those of no adaptation: 1 means the candidate changes no ranking.
+``corroboration``
+    Mean Spearman correlation of the candidate's target scores with those of the *other*
+    harmonizers, minus ``agreement``: positive when the candidate moved the target
+    predictions the way the other harmonizers (other mechanisms) moved them, rather than
+    staying with, or moving away from, the unadapted predictions in its own direction.
+``score_ks``, ``entropy``
+    Reported, not used: the Kolmogorov-Smirnov distance between the standardised target
+    scores and the out-of-fold source scores, and the mean entropy of the target
+    predictions (Morerio et al. 2018).
 
 The rule (thresholds chosen on the development grid of ``benchmarks/bench_shift_suite.py``,
-the validation splits, never on its reported test grid; see ``docs/harmonization.md``):
+never on its reported grid; see ``docs/harmonization.md``):
 
-1. no adaptation unless the unadapted source and target features differ significantly
-   (permutation p-value below ``shift_alpha``);
-2. a candidate must keep the source cross-validated AUC (within ``max_source_loss``);
-3. an *image-level* candidate (histogram matching), which does not touch the features, must
-   remove at least ``min_shift_reduction`` of the squared MMD: when it does, the shift is one
-   it corrects (an intensity remap), whatever its size;
-4. a *feature-aligning* candidate (AdaBN, ComBat, skada adapters) aligns the features by
-   construction, so its own discrepancy says little; it is allowed only on a shift of at least
-   ``min_shift`` (squared MMD of the unadapted features): on smaller shifts, aligning cost more
-   AUC than it gained on the development grid (it also "aligns" the biology);
-5. the first candidate of ``candidates`` that passes is chosen (image-level fixes first, then
-   AdaBN, then the feature-level corrections).
+1. no adaptation unless the unadapted features are shifted: squared MMD at least
+   ``min_shift`` and significant at ``shift_alpha``;
+2. a candidate must keep the source AUC (within ``max_source_loss``) and remove at least
+   ``min_shift_reduction`` of the squared MMD;
+3. ComBat (a per-feature location / scale correction, which cannot invent structure) must
+   change the predictions (``agreement < max_agreement``); every other candidate must be
+   corroborated (``corroboration > min_corroboration``);
+4. the first candidate of ``candidates`` that passes is chosen.
 """
 
 from __future__ import annotations
@@ -109,16 +110,16 @@ _ADABN = {
 # in order of preference (the rule takes the first that passes), from the development grid
 _DEFAULT_CANDIDATES = (
     "none",
-    "histogram",
     "adabn",
     "combat",
+    "histogram",
     "coral",
     "subspace_alignment",
     "adabn_recompute",
 )
-# image-level fixes: they do not touch the features, so that they align them is evidence that
-# the shift is one they correct; every other candidate aligns the features by construction
-_IMAGE_LEVEL = ("histogram",)
+# per-feature location / scale corrections: they keep the ranking of each feature within a
+# site and cannot invent structure, so they only need to change the predictions
+_LOCATION_SCALE = ("combat",)
 _NETWORK = ("adabn", "adabn_recompute", "adabn_keep", "histogram_adabn")
 
 
@@ -258,10 +259,10 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     images, builds every candidate harmonization (``candidates``), fits a clone of
     ``estimator`` on each candidate's source features and measures the candidates with
     criteria that use no target label. The candidate kept (``choice_``) is the first, in the
-    order of ``candidates``, that keeps the source cross-validated AUC and either (histogram
-    matching) removes most of the source-target discrepancy of the features or (every other,
-    feature-aligning candidate) faces a large one; without a significant shift, or when no
-    candidate passes, it is ``"none"``. The rule is given in the module documentation and in
+    order of ``candidates``, that keeps the source cross-validated AUC, removes most of the
+    source-target discrepancy and is corroborated by the other harmonizers (ComBat: changes
+    the predictions at all); without a measurable shift, or when no candidate passes, it is
+    ``"none"``. The rule is given in the module documentation and in
     ``docs/harmonization.md``. ``predict`` / ``predict_proba`` / ``decision_function`` /
     ``transform`` run each row through the chosen harmonization (target rows through its
     target side, rows of source sites through its source side) and the estimator.
@@ -281,10 +282,11 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         ``"adabn_recompute"``, ``"adabn_keep"``, ``"histogram"``, ``"histogram_adabn"``,
         ``"combat"``, ``"coral"``, ``"subspace_alignment"``) or of the mapping adapters of
         :data:`skrtl.DA_ADAPTERS`, in order of preference: the first that passes the rule is
-        chosen. ``"none"`` is always a candidate. ``"auto"``: ``["histogram", "adabn",
-        "combat", "coral", "subspace_alignment", "adabn_recompute"]`` (``"adabn_keep"`` is
+        chosen. ``"none"`` is always a candidate. ``"auto"``: ``["adabn", "combat",
+        "histogram", "coral", "subspace_alignment", "adabn_recompute"]`` (``"adabn_keep"`` is
         meant for networks whose statistics already are the source's, such as a fine-tuned
-        classifier).
+        classifier). A non-ComBat candidate is corroborated by the *other* candidates, so it
+        needs at least one other.
     site_column : str or None, default="site"
         Column of the image frames holding each row's site (the routed ``sample_domain`` /
         ``target_domain`` take precedence). Without site labels the source rows form one site
@@ -295,20 +297,21 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         chosen harmonizer supports it, with a :class:`~skrtl.HarmonizationWarning`).
     cv : int, default=5
         Stratified folds of the source cross-validation.
-    min_shift : float, default=0.04
-        A feature-aligning candidate (every candidate except histogram matching) is allowed
-        only when the squared MMD between the unadapted source and target features is at
-        least this (on smaller shifts, aligning cost more than it gained on the development
-        grid).
+    min_shift : float, default=0.03
+        No candidate is considered unless the squared MMD between the unadapted source and
+        target features is at least this (smaller shifts cost the probe little, and adapting
+        to them cost more than it gained on the development grid).
     shift_alpha : float, default=0.05
-        No candidate is considered unless the unadapted shift is significant at this level
-        (permutation test).
+        ... and significant at this level (permutation test).
     max_source_loss : float, default=0.01
         A candidate whose source cross-validated AUC is lower than that of ``"none"`` by more
         than this is rejected.
-    min_shift_reduction : float, default=0.7
-        Histogram matching (an image-level fix) must remove at least this fraction of the
-        unadapted squared MMD.
+    min_shift_reduction : float, default=0.5
+        A candidate must remove at least this fraction of the unadapted squared MMD.
+    min_corroboration : float, default=0.0
+        A candidate other than ComBat needs ``corroboration`` above this.
+    max_agreement : float, default=0.95
+        ComBat needs ``agreement`` (with the unadapted target scores) below this.
     max_images : int or None, default=256
         At most this many random source and target images per site for the AdaBN statistics
         and the discrepancy measures (every row is still transformed).
@@ -374,6 +377,8 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         "shift_alpha": [Interval(Real, 0, 1, closed="both")],
         "max_source_loss": [Interval(Real, 0, None, closed="left")],
         "min_shift_reduction": [Interval(Real, 0, 1, closed="both")],
+        "min_corroboration": [Interval(Real, None, None, closed="neither")],
+        "max_agreement": [Interval(Real, None, None, closed="neither")],
         "max_images": [Interval(Integral, 8, None, closed="left"), None],
         "keep_candidates": ["boolean"],
         "random_state": ["random_state"],
@@ -389,10 +394,12 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         site_column=DEFAULT_SITE_COLUMN,
         unseen="error",
         cv=5,
-        min_shift=0.04,
+        min_shift=0.03,
         shift_alpha=0.05,
         max_source_loss=0.01,
-        min_shift_reduction=0.7,
+        min_shift_reduction=0.5,
+        min_corroboration=0.0,
+        max_agreement=0.95,
         max_images=256,
         keep_candidates=False,
         random_state=None,
@@ -408,6 +415,8 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         self.shift_alpha = shift_alpha
         self.max_source_loss = max_source_loss
         self.min_shift_reduction = min_shift_reduction
+        self.min_corroboration = min_corroboration
+        self.max_agreement = max_agreement
         self.max_images = max_images
         self.keep_candidates = keep_candidates
         self.random_state = random_state
@@ -714,13 +723,12 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         table = table.copy()
         none = table.loc["none"]
         table["source_auc_change"] = table["source_auc"] - none["source_auc"]
-        base = float(none["mmd"])
+        base = float(none["mmd"])  # a fraction of no shift is meaningless: NaN
         table["mmd_reduction"] = (1.0 - table["mmd"] / base) if base > 0 else np.nan
         table["verdict"] = ""
         table["chosen"] = False
         table.loc["none", "verdict"] = "the default"
-        shifted = bool(none["mmd_p"] < self.shift_alpha)
-        large = bool(shifted and none["mmd"] >= self.min_shift)
+        shifted = none["mmd"] >= self.min_shift and none["mmd_p"] < self.shift_alpha
         choice = None
         for name, row in table.iterrows():
             if name == "none":
@@ -729,21 +737,23 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
                 table.loc[name, "verdict"] = row["status"]
                 continue
             if not shifted:
-                table.loc[name, "verdict"] = "not considered: no significant shift"
+                table.loc[name, "verdict"] = "not considered: no shift to correct"
                 continue
             why = []
             if row["source_auc_change"] < -self.max_source_loss:
                 why.append(f"lowers the source AUC by {-row['source_auc_change']:.3f}")
-            if name in _IMAGE_LEVEL:
-                if not row["mmd_reduction"] >= self.min_shift_reduction:
-                    why.append(
-                        f"removes only {100 * row['mmd_reduction']:.0f} % of the shift "
-                        f"(needs {100 * self.min_shift_reduction:.0f} %)"
-                    )
-            elif not large:
+            if row["mmd_reduction"] < self.min_shift_reduction:
+                why.append(f"removes only {100 * row['mmd_reduction']:.0f} % of the shift")
+            if name in _LOCATION_SCALE:
+                if not row["agreement"] < self.max_agreement:
+                    agr = row["agreement"]
+                    why.append(f"barely changes the predictions (agreement {agr:.2f})")
+            elif not row["corroboration"] > self.min_corroboration:
+                cor = row["corroboration"]
                 why.append(
-                    f"the shift is too small to align the features (squared MMD "
-                    f"{none['mmd']:.3g} < min_shift={self.min_shift})"
+                    "no other harmonizer to corroborate it"
+                    if not np.isfinite(cor)
+                    else f"not corroborated by the other harmonizers ({cor:+.2f})"
                 )
             if why:
                 table.loc[name, "verdict"] = "rejected: " + "; ".join(why)
@@ -756,8 +766,9 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         if not shifted:
             choice = "none"
             reason = (
-                f"none: the unadapted source and target features do not differ significantly "
-                f"({shift} >= shift_alpha={self.shift_alpha})."
+                f"none: no source-target shift worth correcting in the unadapted features "
+                f"({shift}; adaptation needs a squared MMD >= {self.min_shift} with p < "
+                f"{self.shift_alpha})."
             )
         elif choice is None:
             choice = "none"
@@ -773,14 +784,15 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         else:
             c = table.loc[choice]
             support = (
-                f"removes {100 * c['mmd_reduction']:.0f} % of it (a shift it corrects)"
-                if choice in _IMAGE_LEVEL
-                else f"the shift is large (>= min_shift={self.min_shift})"
+                f"changes the predictions (agreement with no adaptation {c['agreement']:.2f})"
+                if choice in _LOCATION_SCALE
+                else f"is corroborated by the other harmonizers ({c['corroboration']:+.2f})"
             )
             reason = (
                 f"{choice} ({HARMONIZER_CANDIDATES.get(choice, choice)}): the unadapted features "
                 f"are shifted ({shift}); {choice} keeps the source AUC ({none['source_auc']:.3f} "
-                f"-> {c['source_auc']:.3f}) and {support}."
+                f"-> {c['source_auc']:.3f}), removes {100 * c['mmd_reduction']:.0f} % of the "
+                f"shift and {support}."
             )
         table.loc[choice, "chosen"] = True
         return choice, reason, table
