@@ -245,6 +245,77 @@ def print_cell(r):
     )
 
 
+SHORT = {
+    "none": "none",
+    "adabn": "AdaBN",
+    "adabn_recompute": "AdaBN-rec",
+    "histogram": "hist",
+    "combat": "ComBat",
+    "coral": "CORAL",
+    "subspace_alignment": "SA",
+}
+
+
+def _deltas(cells, name) -> str:
+    return " / ".join(f"{c['auc'][name] - c['auc_none']:+.2f}" for c in cells)
+
+
+def markdown_tables(path) -> str:
+    """The docs tables: per harmonizer over the grid, then per data set and shift."""
+    import json
+
+    data = json.loads(Path(path).read_text())
+    rows = data["results"]
+    cells = [r for r in rows if r.get("section") == "cell"]
+    out = [
+        "| method | mean ΔAUC vs none | cells worse by > 0.01 | cells better by > 0.01 | "
+        "mean recovered (lossy cells) | chosen on |",
+        "|---|---|---|---|---|---|",
+    ]
+    for h in harmonizer_rows(cells):
+        rec = h["mean_recovered_lossy"]
+        chosen = "" if h["n_chosen"] is None else str(h["n_chosen"])
+        name = {"auto": "**AutoHarmonizer**", "oracle": "oracle (target labels)"}.get(
+            h["method"], HARMONIZER_CANDIDATES_DOC.get(h["method"], h["method"])
+        )
+        out.append(
+            f"| {name} | {h['mean_delta']:+.3f} | {h['n_cells_worse_by_0.01']} | "
+            f"{h['n_cells_better_by_0.01']} | {'' if rec is None else f'{rec:.2f}'} | {chosen} |"
+        )
+    for dataset in dict.fromkeys(r["dataset"] for r in cells):
+        mine = [r for r in cells if r["dataset"] == dataset]
+        clean = mine[0]["auc_clean"]
+        out += [
+            "",
+            f"**{dataset}** (clean AUC {clean:.3f}); each entry: severity 1 / 3 / 5; ΔAUC = "
+            "AUC - AUC without adaptation.",
+            "",
+            "| shift | lost AUC | AdaBN Δ | hist Δ | ComBat Δ | CORAL Δ | auto: choice Δ |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for kind in dict.fromkeys(c["kind"] for c in mine):
+            by = [c for c in sorted(mine, key=lambda c: c["severity"]) if c["kind"] == kind]
+            lost = " / ".join(f"{c['lost']:+.2f}" for c in by)
+            deltas = [_deltas(by, name) for name in ("adabn", "histogram", "combat", "coral")]
+            auto = " / ".join(
+                f"{SHORT.get(c['choice'], c['choice'])} {c['auc_auto'] - c['auc_none']:+.2f}"
+                for c in by
+            )
+            out.append(f"| `{kind}` | {lost} | " + " | ".join(deltas) + f" | {auto} |")
+    return "\n".join(out)
+
+
+HARMONIZER_CANDIDATES_DOC = {
+    "none": "no adaptation",
+    "adabn": "AdaBN (`match`)",
+    "adabn_recompute": "AdaBN (`recompute`)",
+    "histogram": "histogram matching",
+    "combat": "ComBat (features)",
+    "coral": "CORAL (skada)",
+    "subspace_alignment": "subspace alignment (skada)",
+}
+
+
 def merge(args):
     """One result file from runs of the same split over different data sets."""
     import json
@@ -301,9 +372,17 @@ def main(argv=None):
         help="combine the results of runs over different data sets (e.g. run in parallel) "
         "into one result file, recomputing the summary; runs nothing",
     )
+    ap.add_argument(
+        "--table",
+        type=Path,
+        default=None,
+        help="print the markdown tables of docs/benchmarks.md from a result file; runs nothing",
+    )
     args = ap.parse_args(argv)
     if args.merge:
         return merge(args)
+    if args.table:
+        return print(markdown_tables(args.table))
     if args.n_eval is None and args.split == "val":
         args.n_eval = 256
     name = "shift_suite" if args.split == "test" else "shift_suite_dev"
