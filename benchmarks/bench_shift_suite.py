@@ -335,9 +335,7 @@ def merge(args):
     config["merged_from"] = [str(f) for f in args.merge]
     keep = ("cell", "clean", "failed")
     rows = [r for p in parts for r in p["results"] if r.get("section") in keep]
-    seconds = sum(
-        r["seconds"] for p in parts for r in p["results"] if r.get("section") == "total"
-    )
+    seconds = sum(r["seconds"] for p in parts for r in p["results"] if r.get("section") == "total")
     cells = [r for r in rows if r.get("section") == "cell"]
     out = rows + harmonizer_rows(cells) + [{"section": "total", "seconds": seconds}]
     bench.write(
