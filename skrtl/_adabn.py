@@ -114,20 +114,27 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+#: a target channel with less than this fraction of the reference spread counts as constant
+_MIN_SPREAD_RATIO = 1e-3
+
+
 def _matched_stats(mean_t, var_t, ref, cur, eps):
     """Statistics giving inputs of moments (mean_t, var_t) the outputs of the reference.
 
     With the current statistics ``(m0, v0)`` the reference inputs (moments ``mean_r, var_r``)
     are normalised to mean ``(mean_r - m0) / s0`` and sd ``sd_r / s0`` (``s0 = sqrt(v0 +
     eps)``); the returned ``(m, v)`` normalise the target inputs to the same moments. Channels
-    constant on either side only get their mean shifted.
+    constant on either side only get their mean shifted, and so do channels whose target
+    spread is below 1/1000 of the reference's: stretching those would amplify a (numerically)
+    constant channel by more than 1000x and make ``running_var + eps`` round to zero or below
+    (infinite or NaN features).
     """
     mean_r, var_r = (t.to(mean_t) for t in ref)
     m0, v0 = (t.to(mean_t) for t in cur)
     s0 = torch.sqrt(v0 + eps)
     sd_r, sd_t = torch.sqrt(var_r), torch.sqrt(var_t)
     tiny = 1e-6 * s0
-    ok = (sd_r > tiny) & (sd_t > tiny)
+    ok = (sd_r > tiny) & (sd_t > tiny) & (sd_t > _MIN_SPREAD_RATIO * sd_r)
     scale = torch.where(ok, sd_t / sd_r.clamp_min(1e-30), torch.ones_like(sd_t))
     s_new = s0 * scale
     m_new = mean_t - s_new * (mean_r - m0) / s0
