@@ -257,7 +257,9 @@ SHORT = {
 
 
 def _deltas(cells, name) -> str:
-    return " / ".join(f"{c['auc'][name] - c['auc_none']:+.2f}" for c in cells)
+    return " / ".join(
+        f"{c['auc'][name] - c['auc_none']:+.2f}" if name in c["auc"] else "fail" for c in cells
+    )
 
 
 def markdown_tables(path) -> str:
