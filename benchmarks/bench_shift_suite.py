@@ -289,8 +289,9 @@ def markdown_tables(path) -> str:
         clean = mine[0]["auc_clean"]
         out += [
             "",
-            f"**{dataset}** (clean AUC {clean:.3f}); each entry: severity 1 / 3 / 5; ΔAUC = "
-            "AUC - AUC without adaptation.",
+            f"**{dataset}** (clean AUC {clean:.3f}); each entry: severity "
+            + " / ".join(str(v) for v in sorted({c["severity"] for c in mine}))
+            + "; ΔAUC = AUC - AUC without adaptation; fail: the candidate failed on that cell.",
             "",
             "| shift | lost AUC | AdaBN Δ | hist Δ | ComBat Δ | CORAL Δ | auto: choice Δ |",
             "|---|---|---|---|---|---|---|",
