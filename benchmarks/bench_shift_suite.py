@@ -31,9 +31,17 @@ the reported grid, run once with the rules fixed.
 
 Usage::
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_shift_suite.py               # the test grid
-    OMP_NUM_THREADS=2 python benchmarks/bench_shift_suite.py --split val   # development grid
+    OMP_NUM_THREADS=1 python benchmarks/bench_shift_suite.py               # the test grid
+    OMP_NUM_THREADS=1 python benchmarks/bench_shift_suite.py --split val   # development grid
     python benchmarks/bench_shift_suite.py --quick                         # smoke run
+    # data sets in parallel, then one result file (and the docs tables)
+    python benchmarks/bench_shift_suite.py --datasets breastmnist --out a.json
+    python benchmarks/bench_shift_suite.py --datasets pneumoniamnist --out b.json
+    python benchmarks/bench_shift_suite.py --merge a.json b.json
+    python benchmarks/bench_shift_suite.py --table results/shift_suite.json
+
+Use ``OMP_NUM_THREADS=1`` on a shared CPU: multi-threaded BLAS (the logistic regressions and
+CORAL's eigendecompositions) was many times slower than single-threaded there.
 
 Results: ``results/shift_suite.json`` (``results/shift_suite_dev.json`` for ``--split
 val``; schema in ``_common.py``): one row of ``section`` "cell" per cell (with every
