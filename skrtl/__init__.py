@@ -8,6 +8,7 @@ effects: it changes neither scikit-learn's global configuration nor any random s
 from . import datasets
 from ._adabn import AdaBN, bn_layers, reestimate_bn_stats
 from ._advisor import StrategyAdvice, suggest_strategy
+from ._auto_harmonize import HARMONIZER_CANDIDATES, AutoHarmonizer
 from ._backbone import (
     DEFAULT_BACKBONE,
     EMBEDDED_BACKBONES,
@@ -133,8 +134,10 @@ __all__ = [
     "DA_SCORERS",
     "DEFAULT_BACKBONE",
     "EMBEDDED_BACKBONES",
+    "HARMONIZER_CANDIDATES",
     "RADIOMICS_FEATURE_CLASSES",
     "AdaBN",
+    "AutoHarmonizer",
     "BackboneWeightsError",
     "BiasCorrectedTemperatureScaling",
     "CVMedianPruner",

@@ -40,7 +40,9 @@ from torch import nn
 
 from ._base import (
     DEFAULT_SITE_COLUMN,
+    SHIFT_CHECK_ROWS,
     HarmonizationWarning,
+    check_shift_change,
     resolve_unseen,
     site_labels,
     unseen_constraint,
@@ -112,20 +114,27 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+#: a target channel with less than this fraction of the reference spread counts as constant
+_MIN_SPREAD_RATIO = 1e-3
+
+
 def _matched_stats(mean_t, var_t, ref, cur, eps):
     """Statistics giving inputs of moments (mean_t, var_t) the outputs of the reference.
 
     With the current statistics ``(m0, v0)`` the reference inputs (moments ``mean_r, var_r``)
     are normalised to mean ``(mean_r - m0) / s0`` and sd ``sd_r / s0`` (``s0 = sqrt(v0 +
     eps)``); the returned ``(m, v)`` normalise the target inputs to the same moments. Channels
-    constant on either side only get their mean shifted.
+    constant on either side only get their mean shifted, and so do channels whose target
+    spread is below 1/1000 of the reference's: stretching those would amplify a (numerically)
+    constant channel by more than 1000x and make ``running_var + eps`` round to zero or below
+    (infinite or NaN features).
     """
     mean_r, var_r = (t.to(mean_t) for t in ref)
     m0, v0 = (t.to(mean_t) for t in cur)
     s0 = torch.sqrt(v0 + eps)
     sd_r, sd_t = torch.sqrt(var_r), torch.sqrt(var_t)
     tiny = 1e-6 * s0
-    ok = (sd_r > tiny) & (sd_t > tiny)
+    ok = (sd_r > tiny) & (sd_t > tiny) & (sd_t > _MIN_SPREAD_RATIO * sd_r)
     scale = torch.where(ok, sd_t / sd_r.clamp_min(1e-30), torch.ones_like(sd_t))
     s_new = s0 * scale
     m_new = mean_t - s_new * (mean_r - m0) / s0
@@ -317,6 +326,24 @@ def _rows(X, rows):
     return np.asarray(X)[rows]
 
 
+def _check_rows(X):
+    """The rows of ``X`` on which the shift is measured (a fixed random subsample)."""
+    n = len(X) if hasattr(X, "__len__") else np.asarray(X).shape[0]
+    if n <= SHIFT_CHECK_ROWS:
+        return _rows(X, np.arange(n))
+    rng = np.random.default_rng(0)
+    return _rows(X, np.sort(rng.choice(n, SHIFT_CHECK_ROWS, replace=False)))
+
+
+def _representation(est, X):
+    """What the estimator outputs for ``X`` (features, else probabilities), or None."""
+    for method in ("transform", "predict_proba", "decision_function"):
+        if hasattr(est, method):
+            out = np.asarray(getattr(est, method)(X), dtype=np.float64)
+            return out.reshape(out.shape[0], -1)
+    return None
+
+
 class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
     """Adaptive BatchNorm: per-site BatchNorm statistics for a CNN image estimator.
 
@@ -365,6 +392,13 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         Batch size of the statistics passes (None: the estimator's own). With ``momentum=None``
         the result does not depend on it, except through the batch statistics used to
         normalise earlier layers during the pass (larger is closer to population statistics).
+    check_shift : bool, default=True
+        After adapting each site, measure the discrepancy between the source images and that
+        site's images (squared MMD of the estimator's outputs, on at most 200 random images of
+        each) with the network's own statistics and with the adapted ones, and issue a
+        :class:`~skrtl.HarmonizationWarning` when adaptation *increased* it
+        (:func:`skrtl._base.check_shift_change`; ``shift_changes_``). Costs up to three extra
+        passes over 200 images.
 
     Attributes
     ----------
@@ -379,6 +413,9 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         Sites seen in ``fit`` (empty without a site column).
     n_adapt_samples_ : dict
         Domain -> number of network input rows used.
+    shift_changes_ : dict
+        ``check_shift=True``: adapted domain -> :class:`skrtl._base.ShiftChange` (the
+        discrepancy to the source before and after adaptation).
 
     Notes
     -----
@@ -416,6 +453,7 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         "momentum": [Interval(Real, 0, 1, closed="right"), None],
         "n_batches": [Interval(Integral, 1, None, closed="left"), None],
         "batch_size": [Interval(Integral, 1, None, closed="left"), None],
+        "check_shift": ["boolean"],
     }
 
     def __init__(
@@ -428,6 +466,7 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         momentum=None,
         n_batches=None,
         batch_size=None,
+        check_shift=True,
     ):
         self.estimator = estimator
         self.site_column = site_column
@@ -436,6 +475,7 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         self.momentum = momentum
         self.n_batches = n_batches
         self.batch_size = batch_size
+        self.check_shift = check_shift
 
     # ----------------------------------------------------------------------------------------
     def _base_estimator(self):
@@ -556,6 +596,13 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
         self._lock = threading.Lock()
         module = self._module_of(est)
         self._source_moments = None
+        self.shift_changes_ = {}
+        self._shift_source = self._original_bn = None
+        if self.check_shift:
+            X_check = _check_rows(X)
+            before = _representation(est, X_check)
+            if before is not None and self.source_stats == "recompute":
+                self._original_bn = _bn_state(module)
         if self.source_stats == "recompute":
             n = reestimate_bn_stats(
                 module, self._batches(est, X), momentum=self.momentum, n_batches=self.n_batches
@@ -567,6 +614,9 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
             )
         self.bn_stats_[_SOURCE] = _bn_state(module)
         self._invalidate(est)
+        if self.check_shift and before is not None:
+            after = before if self._original_bn is None else _representation(est, X_check)
+            self._shift_source = (before, after)
         if hasattr(est, "n_features_in_"):
             self.n_features_in_ = est.n_features_in_
         if hasattr(est, "feature_names_in_"):
@@ -611,6 +661,7 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
                 "fit_transform returned for the training rows. Pass only images of new sites "
                 "(or label them as a different site)."
             )
+        original = None
         for dom in sorted(set(labels)):
             Xd = _rows(X_target, np.flatnonzero(labels == dom))
             variant, state, n_rows = self._adapted_copy(Xd, dom)
@@ -620,7 +671,27 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
                 self.n_adapt_samples_[dom] = n_rows
                 if dom not in self.domains_:
                     self.domains_.append(dom)
+            if getattr(self, "_shift_source", None) is not None:
+                if original is None:
+                    original = self._original_network()
+                X_check = _check_rows(Xd)
+                src_before, src_after = self._shift_source
+                self.shift_changes_[dom] = check_shift_change(
+                    (src_before, _representation(original, X_check)),
+                    (src_after, _representation(variant, X_check)),
+                    name=f"AdaBN(source_stats={self.source_stats!r})",
+                    what=f"site {dom!r}" if dom != _TARGET else "the target images",
+                )
         return self
+
+    def _original_network(self):
+        """The fitted estimator with the network's own BatchNorm statistics."""
+        if self._original_bn is None:
+            return self.estimator_
+        est = self._copy_of(self.estimator_)
+        _load_bn_state(self._module_of(est), self._original_bn)
+        self._invalidate(est)
+        return est
 
     # ----------------------------------------------------------------------------------------
     def _variant(self, key):

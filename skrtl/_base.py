@@ -21,6 +21,12 @@ ignores it), the routed metadata ``sample_domain`` overrides it, and ``unseen`` 
 happens to a site that was not seen in ``fit``: ``"error"`` raises, ``"reference"`` treats it as
 the reference (source / pooled) site, ``"batch"`` estimates its statistics from its rows in the
 batch being transformed (with a :class:`~skrtl.HarmonizationWarning`).
+
+Harmonizers measure whether they made the sites *more* different with one mechanism,
+:func:`check_shift_change`: the maximum mean discrepancy between source and target
+representations before and after harmonization (:func:`measure_shift`), and a
+:class:`HarmonizationWarning` when it grew (``check_shift=True`` of AdaBN, HistogramMatcher and
+ComBatHarmonizer; :class:`~skrtl.AutoHarmonizer` uses the same measure).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import copy
 import os
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from numbers import Integral
 
 import numpy as np
@@ -52,7 +59,10 @@ __all__ = [
     "BaseTorchImageEstimator",
     "HarmonizationWarning",
     "ImageEstimatorMixin",
+    "ShiftChange",
     "TorchNetworkMixin",
+    "check_shift_change",
+    "measure_shift",
     "resolve_unseen",
     "site_labels",
     "split_site_features",
@@ -436,6 +446,149 @@ def site_labels(X, *, site_column, sample_domain=None, name: str = "estimator"):
             "'unknown' as its own site) or drop them."
         )
     return np.asarray([str(v) for v in raw], dtype=object)
+
+
+# --------------------------------------------------------------------------------------------
+# did a harmonizer increase the shift?
+# --------------------------------------------------------------------------------------------
+#: Rows of each side used to measure a shift (random subsample beyond it).
+SHIFT_CHECK_ROWS = 200
+
+
+def measure_shift(
+    X_source,
+    X_target,
+    *,
+    max_samples: int = SHIFT_CHECK_ROWS,
+    n_permutations: int = 200,
+    random_state=0,
+) -> tuple[float, float, float]:
+    """Source-target discrepancy of two feature matrices: squared MMD, p-value, null spread.
+
+    The unbiased squared maximum mean discrepancy of :func:`skrtl.mmd_test` (RBF kernel with
+    the median bandwidth, features standardised by the pooled mean and standard deviation, so
+    the measure does not depend on the units of the representation) on at most
+    ``max_samples`` rows of each side, and its permutation p-value.
+
+    Parameters
+    ----------
+    X_source, X_target : array-like of shape (n, n_features)
+    max_samples : int, default=200
+    n_permutations : int, default=200
+    random_state : int, RandomState instance or None, default=0
+
+    Returns
+    -------
+    mmd2 : float
+        About 0 for indistinguishable sets (slightly negative values are chance).
+    p_value : float
+    null_sd : float
+        Standard deviation of the squared MMD under the permutation null (its noise level).
+    """
+    from ._diagnostics import mmd_test  # the diagnostics build on this module
+
+    res = mmd_test(
+        X_source,
+        X_target,
+        max_samples=max_samples,
+        n_permutations=n_permutations,
+        random_state=random_state,
+    )
+    return float(res.statistic), float(res.p_value), float(np.std(res.null_distribution))
+
+
+@dataclass(frozen=True)
+class ShiftChange:
+    """The source-target discrepancy before and after a harmonizer (:func:`check_shift_change`).
+
+    Attributes
+    ----------
+    what : str
+        The pair of domains compared (e.g. ``"site 'B' vs the source"``).
+    mmd_before, mmd_after : float
+        Squared MMD of the unharmonized and of the harmonized representations.
+    p_before, p_after : float
+        Their permutation p-values.
+    increased : bool
+        The harmonized representations differ significantly (``p_after < alpha``), by more
+        than ``(1 + tolerance)`` times the unharmonized ones and by more than twice the
+        permutation noise of the squared MMD.
+    """
+
+    what: str
+    mmd_before: float
+    mmd_after: float
+    p_before: float
+    p_after: float
+    increased: bool
+
+
+def check_shift_change(
+    before,
+    after,
+    *,
+    name: str,
+    what: str = "the target",
+    what_reference: str = "the reference",
+    tolerance: float = 0.1,
+    alpha: float = 0.05,
+    random_state=0,
+    warn: bool = True,
+    stacklevel: int = 3,
+) -> ShiftChange:
+    """Measure the source-target discrepancy before and after harmonization; warn if it grew.
+
+    The one mechanism by which skrtl's harmonizers (``check_shift=True``) say that they made a
+    domain *more* different from the reference: :func:`measure_shift` of the ``(source,
+    target)`` representations before and after, on the same rows, and a
+    :class:`HarmonizationWarning` when the shift increased.
+
+    Parameters
+    ----------
+    before, after : (array-like, array-like)
+        ``(source rows, target rows)`` of the unharmonized and harmonized representations
+        (features, network outputs or image descriptors), the same rows in the same order.
+    name : str
+        The harmonizer, for the message.
+    what : str, default="the target"
+        The domain compared with the reference, for the message.
+    what_reference : str, default="the reference"
+        The reference domain, for the message.
+    tolerance : float, default=0.1
+        Relative increase of the squared MMD tolerated before warning.
+    alpha : float, default=0.05
+        The harmonized shift must also be significant at this level.
+    random_state : int, RandomState instance or None, default=0
+    warn : bool, default=True
+        Issue the warning (else only return the measurement).
+    stacklevel : int, default=3
+
+    Returns
+    -------
+    ShiftChange
+    """
+    mb, pb, _ = measure_shift(*before, random_state=random_state)
+    ma, pa, noise = measure_shift(*after, random_state=random_state)
+    increased = bool(
+        pa < alpha and ma > mb + max(tolerance * max(mb, 0.0), 2.0 * noise) and ma > 0
+    )
+    if increased and warn:
+        warnings.warn(
+            f"{name} increased the measured discrepancy between {what} and {what_reference} "
+            f"(squared MMD {mb:.3g} -> {ma:.3g}, p = {pa:.3g}): the harmonized data may be "
+            "worse than the unharmonized data. Check on a few labelled cases of that site, or "
+            "let skrtl.AutoHarmonizer choose a harmonizer from unlabelled target images.",
+            HarmonizationWarning,
+            stacklevel=stacklevel,
+        )
+    return ShiftChange(
+        what=what,
+        mmd_before=mb,
+        mmd_after=ma,
+        p_before=pb,
+        p_after=pa,
+        increased=increased,
+    )
 
 
 def _check_finite_features(X: np.ndarray, names: list[str], estimator_name: str) -> None:

@@ -29,7 +29,9 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._base import (
     DEFAULT_SITE_COLUMN,
+    SHIFT_CHECK_ROWS,
     HarmonizationWarning,
+    check_shift_change,
     resolve_unseen,
     split_site_features,
     unseen_constraint,
@@ -142,6 +144,12 @@ class ComBatHarmonizer(TransformerMixin, BaseEstimator):
         mean and variance this is the identity); ``"batch"`` estimates that site's location/scale
         from the rows of the new site in the transformed batch itself (reference-free ComBat,
         needs at least 2 rows of that site; issues a :class:`ComBatWarning`).
+    check_shift : bool, default=True
+        After fitting, measure for every site the discrepancy between its rows and the rows
+        of the other sites (squared MMD of the features, at most 200 random rows of each side)
+        before and after harmonization, and issue a :class:`~skrtl.HarmonizationWarning` when
+        harmonization *increased* it (:func:`skrtl._base.check_shift_change`;
+        ``shift_changes_``).
 
     Attributes
     ----------
@@ -157,6 +165,8 @@ class ComBatHarmonizer(TransformerMixin, BaseEstimator):
     n_features_in_ : int
     feature_names_in_ : ndarray of str
         Only for DataFrame input.
+    shift_changes_ : dict
+        ``check_shift=True``: site -> :class:`skrtl._base.ShiftChange`.
 
     Notes
     -----
@@ -188,6 +198,7 @@ class ComBatHarmonizer(TransformerMixin, BaseEstimator):
         "parametric": ["boolean"],
         "mean_only": ["boolean"],
         "unseen": unseen_constraint(),
+        "check_shift": ["boolean"],
     }
 
     __metadata_request__fit = {"sample_domain": True, "sample_covariates": True}
@@ -202,6 +213,7 @@ class ComBatHarmonizer(TransformerMixin, BaseEstimator):
         parametric=True,
         mean_only=False,
         unseen="error",
+        check_shift=True,
     ):
         self.site_column = site_column
         self.covariates = covariates
@@ -209,6 +221,7 @@ class ComBatHarmonizer(TransformerMixin, BaseEstimator):
         self.parametric = parametric
         self.mean_only = mean_only
         self.unseen = unseen
+        self.check_shift = check_shift
 
     # ----------------------------------------------------------------------------------------
     # input handling
@@ -364,7 +377,37 @@ class ComBatHarmonizer(TransformerMixin, BaseEstimator):
         self.gamma_hat_, self.delta_hat_ = gamma_hat, delta_hat
         self.gamma_star_, self.delta_star_ = gamma_star, delta_star
         self.constant_features_ = const
+        self.shift_changes_ = {}
+        if self.check_shift:
+            self._check_shift(X, X_, site_str, sample_domain, sample_covariates)
         return self
+
+    def _check_shift(self, X, X_, site_str, sample_domain, sample_covariates):
+        """Per site: discrepancy to the other sites before and after harmonization."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # a deprecated option, said in fit
+            after = self.transform(
+                X, sample_domain=sample_domain, sample_covariates=sample_covariates
+            )
+        after = np.asarray(np.asarray(after)[:, : X_.shape[1]], dtype=np.float64)
+        rng = np.random.default_rng(0)
+
+        def pick(rows):
+            rows = np.flatnonzero(rows)
+            if rows.size > SHIFT_CHECK_ROWS:
+                rows = np.sort(rng.choice(rows, SHIFT_CHECK_ROWS, replace=False))
+            return rows
+
+        for lev in self.sites_:
+            own, rest = pick(site_str == lev), pick(site_str != lev)
+            self.shift_changes_[str(lev)] = check_shift_change(
+                (X_[rest], X_[own]),
+                (after[rest], after[own]),
+                name=type(self).__name__,
+                what=f"site {str(lev)!r}",
+                what_reference="the other sites",
+                stacklevel=4,
+            )
 
     def _site_moments(self, s):
         g_hat = s.mean(axis=0)

@@ -40,7 +40,12 @@ from sklearn.utils._param_validation import HasMethods, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import HarmonizationWarning, split_site_features
+from ._base import (
+    SHIFT_CHECK_ROWS,
+    HarmonizationWarning,
+    check_shift_change,
+    split_site_features,
+)
 
 __all__ = [
     "DA_ADAPTERS",
@@ -260,6 +265,11 @@ class DomainAdapter(TransformerMixin, BaseEstimator):
         site-specific map); ``"batch"`` aligns that site onto the stored target rows with a new
         adapter fitted on its rows in the transformed batch (at least 2 rows; issues a
         :class:`~skrtl.HarmonizationWarning`).
+    check_shift : bool, default=True
+        After fitting, measure for every source site the discrepancy between its rows and the
+        target rows (squared MMD, at most 200 random rows of each side) before and after the
+        mapping, and issue a :class:`~skrtl.HarmonizationWarning` when the mapping *increased*
+        it (:func:`skrtl._base.check_shift_change`; ``shift_changes_``).
 
     Attributes
     ----------
@@ -272,6 +282,8 @@ class DomainAdapter(TransformerMixin, BaseEstimator):
     feature_names_in_ : ndarray of str
         Only for DataFrame input.
     n_features_out_ : int
+    shift_changes_ : dict
+        ``check_shift=True``: source site -> :class:`skrtl._base.ShiftChange`.
 
     See Also
     --------
@@ -296,6 +308,7 @@ class DomainAdapter(TransformerMixin, BaseEstimator):
         "target_sites": [str, Integral, list, tuple, np.ndarray, None],
         "per_site": ["boolean"],
         "unseen": [StrOptions(_UNSEEN)],
+        "check_shift": ["boolean"],
     }
 
     __metadata_request__fit = {"sample_domain": True}
@@ -309,12 +322,14 @@ class DomainAdapter(TransformerMixin, BaseEstimator):
         target_sites=None,
         per_site=True,
         unseen="error",
+        check_shift=True,
     ):
         self.adapter = adapter
         self.site_column = site_column
         self.target_sites = target_sites
         self.per_site = per_site
         self.unseen = unseen
+        self.check_shift = check_shift
 
     # ----------------------------------------------------------------------------------------
     def _labels_for_adapter(self, y, unlabelled):
@@ -423,7 +438,38 @@ class DomainAdapter(TransformerMixin, BaseEstimator):
         self.source_sites_ = sources
         self.target_sites_ = targets
         self.n_features_out_ = int(n_out)
+        self.shift_changes_ = {}
+        if self.check_shift:
+            self._check_shift(Xf, sites, is_t)
         return self
+
+    def _check_shift(self, Xf, sites, is_t):
+        """Per source site: discrepancy to the target rows before and after the mapping."""
+        rng = np.random.default_rng(0)
+
+        def pick(mask):
+            rows = np.flatnonzero(mask)
+            if rows.size > SHIFT_CHECK_ROWS:
+                rows = np.sort(rng.choice(rows, SHIFT_CHECK_ROWS, replace=False))
+            return rows
+
+        t_rows = pick(is_t)
+        if t_rows.size < 2:
+            return
+        T_after = self._transform_rows(Xf[t_rows], sites[t_rows])
+        name = self.adapter if isinstance(self.adapter, str) else type(self.adapter).__name__
+        for s in self.source_sites_:
+            rows = pick(sites == s)
+            if rows.size < 2:
+                continue
+            self.shift_changes_[s] = check_shift_change(
+                (Xf[rows], Xf[t_rows]),
+                (self._transform_rows(Xf[rows], sites[rows]), T_after),
+                name=f"DomainAdapter({name!r})",
+                what=f"site {s!r}",
+                what_reference=f"the target sites {self.target_sites_!r}",
+                stacklevel=4,
+            )
 
     def _transform_rows(self, Xf, sites):
         out = np.empty((Xf.shape[0], self.n_features_out_), dtype=np.float64)

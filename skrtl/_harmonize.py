@@ -44,8 +44,10 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._base import (
     DEFAULT_SITE_COLUMN,
+    SHIFT_CHECK_ROWS,
     HarmonizationWarning,
     ImageEstimatorMixin,
+    check_shift_change,
     resolve_unseen,
     site_labels,
     unseen_constraint,
@@ -354,6 +356,27 @@ def _monotone_map(values, src_q, ref_q):
     return out.astype(np.float32)
 
 
+def _shift_descriptor(images, masks, mode: str, use_mask: bool) -> np.ndarray:
+    """Per image: quantiles of the gradient magnitude (contrast, noise and sharpness).
+
+    Matching fixes the intensity quantiles by construction; what it can make worse is the
+    texture of the images in the reference's intensity units.
+    """
+    out = np.empty((len(images), 5))
+    for i, img in enumerate(images):
+        img = np.asarray(img, dtype=np.float64)
+        if img.ndim == 3 and mode == "2d":  # channel-last: grey level of the channels
+            img = img.mean(axis=-1)
+        grads = np.gradient(img) if min(img.shape) > 1 else [np.zeros_like(img)]
+        grad = np.sqrt(sum(g * g for g in grads))
+        m = None
+        if use_mask and masks is not None and masks[i] is not None:
+            m = np.asarray(masks[i], dtype=bool).reshape(img.shape)
+        gvals = grad[m] if m is not None else grad.ravel()
+        out[i] = np.percentile(gvals, [10, 25, 50, 75, 90])
+    return out
+
+
 class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
     """Match each image's (or each site's) intensity distribution to a reference.
 
@@ -386,6 +409,15 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
         if they already had the reference distribution (``"reference"``); or take its
         quantiles from its images in the transformed batch (``"batch"``), with a
         :class:`HarmonizationWarning`.
+    check_shift : bool, default=True
+        In ``transform``, measure for each site of the batch (the whole batch without site
+        labels) the discrepancy of its texture to that of the training images (squared MMD
+        of per-image quantiles of the gradient magnitude: contrast, noise and sharpness),
+        before and after matching, on at most 200 random images of each, and issue a
+        :class:`HarmonizationWarning` when matching *increased* it
+        (:func:`skrtl._base.check_shift_change`). Matching fixes the intensity quantiles by
+        construction, but can make the texture less like the reference's (e.g. images with
+        a black border or saturated regions: the rest is compressed).
 
     Attributes
     ----------
@@ -403,6 +435,7 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
         "use_mask": ["boolean"],
         "site_column": [str],
         "unseen": unseen_constraint(),
+        "check_shift": ["boolean"],
     }
 
     def __init__(
@@ -415,6 +448,7 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
         use_mask=True,
         site_column=DEFAULT_SITE_COLUMN,
         unseen="error",
+        check_shift=True,
     ):
         self.n_quantiles = n_quantiles
         self.quantile_range = quantile_range
@@ -423,6 +457,7 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
         self.use_mask = use_mask
         self.site_column = site_column
         self.unseen = unseen
+        self.check_shift = check_shift
 
     def _quantiles(self, inp: ImageInput, rows=None) -> np.ndarray:
         rows = range(len(inp)) if rows is None else rows
@@ -476,12 +511,77 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
             sites = self._sites(X, "level='site'")
             for s in sorted(set(sites)):
                 self.site_quantiles_[s] = q[sites == s].mean(axis=0)
+        self._shift_reference = None
+        if self.check_shift:
+            rows = self._check_rows(len(inp))
+            Xr = X.iloc[rows] if isinstance(X, pd.DataFrame) else np.asarray(X)[rows]
+            inp_r = _read(Xr, "HistogramMatcher")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", HarmonizationWarning)
+                raw, mapped, masks = self._mapped(Xr, inp_r, keep_raw=range(len(inp_r)))
+            mode = _guess_mode(Xr)
+            raw = [raw[i] for i in range(len(inp_r))]
+            self._shift_reference = (
+                _shift_descriptor(raw, masks, mode, self.use_mask),
+                _shift_descriptor(mapped, masks, mode, self.use_mask),
+            )
         return self
+
+    @staticmethod
+    def _check_rows(n, rows=None):
+        rows = np.arange(n) if rows is None else np.asarray(rows)
+        if rows.size <= SHIFT_CHECK_ROWS:
+            return rows
+        return np.sort(np.random.default_rng(0).choice(rows, SHIFT_CHECK_ROWS, replace=False))
 
     def transform(self, X):
         """Map intensities onto the reference distribution (same container as ``X``)."""
         check_is_fitted(self, "reference_quantiles_")
         inp = _read(X, "HistogramMatcher", transforming=True)
+        groups = {}
+        if self.check_shift and getattr(self, "_shift_reference", None) is not None:
+            groups = self._check_groups(X, len(inp))
+        keep = set().union(*groups.values()) if groups else set()
+        raw, images, masks = self._mapped(X, inp, keep_raw=keep)
+        if groups:
+            self._check_batch(X, groups, raw, images, masks)
+        return _rebuild(
+            X,
+            images,
+            masks=masks if (inp.lazy and inp.masks is not None) else None,
+            name="HistogramMatcher",
+            frame_out=self._frame_out(),
+            inp=inp,
+        )
+
+    def _check_groups(self, X, n):
+        """Site (None without site labels) -> the rows of the batch the shift is measured on."""
+        sites = site_labels(X, site_column=self.site_column, name="HistogramMatcher")
+        groups = (
+            {None: np.arange(n)}
+            if sites is None
+            else {s: np.flatnonzero(sites == s) for s in sorted(set(sites))}
+        )
+        groups = {s: self._check_rows(n, rows) for s, rows in groups.items()}
+        return {s: [int(i) for i in rows] for s, rows in groups.items() if len(rows) >= 2}
+
+    def _check_batch(self, X, groups, raw, images, masks) -> None:
+        """Warn for each site of the batch whose shift to the training images grew."""
+        mode = _guess_mode(X)
+        ref_before, ref_after = self._shift_reference
+        for site, rows in groups.items():
+            m = [masks[i] for i in rows]
+            check_shift_change(
+                (ref_before, _shift_descriptor([raw[i] for i in rows], m, mode, self.use_mask)),
+                (ref_after, _shift_descriptor([images[i] for i in rows], m, mode, self.use_mask)),
+                name="HistogramMatcher",
+                what="the transformed images" if site is None else f"site {site!r}",
+                what_reference="the training images (texture: gradient quantiles)",
+                stacklevel=4,
+            )
+
+    def _mapped(self, X, inp: ImageInput, *, keep_raw=()):
+        """``(raw images of the rows keep_raw, mapped images, masks)`` (each case loaded once)."""
         ref = self.reference_quantiles_
         if self.level == "image":
             src = None  # each image's own quantiles, computed when it is mapped
@@ -507,12 +607,12 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
                         f"site {s!r} was not seen in fit; its quantiles are estimated from its "
                         f"{int((sites == s).sum())} images in this batch (unseen='batch').",
                         HarmonizationWarning,
-                        stacklevel=2,
+                        stacklevel=3,
                     )
                     src[sites == s] = q[sites == s].mean(axis=0)
             for s, qs in self.site_quantiles_.items():
                 src[sites == s] = qs
-        images, masks = [], []
+        raw, images, masks = {}, [], []
         for i, img, m in _cases(inp):
             if src is None:
                 vals = img[m] if (self.use_mask and m is not None) else img
@@ -521,14 +621,9 @@ class HistogramMatcher(_ImageTransformerMixin, BaseEstimator):
                 qs = src[i]
             images.append(_monotone_map(img, qs, ref))
             masks.append(m)
-        return _rebuild(
-            X,
-            images,
-            masks=masks if (inp.lazy and inp.masks is not None) else None,
-            name="HistogramMatcher",
-            frame_out=self._frame_out(),
-            inp=inp,
-        )
+            if i in keep_raw:
+                raw[i] = img
+        return raw, images, masks
 
 
 # --------------------------------------------------------------------------------------------

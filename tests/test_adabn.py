@@ -505,3 +505,20 @@ def test_wraps_fitted_finetune_classifier_via_frozen_estimator():
         torch.testing.assert_close(v, ref_stats[k], rtol=0, atol=0)
     adapted_module = ada._skrtl_torch_module()
     assert adapted_module is not clf._skrtl_torch_module()
+
+
+def test_matched_stats_never_divide_by_zero():
+    # a target channel almost constant next to a wide reference channel: stretching it would
+    # make running_var + eps round to zero (infinite features); it only gets its mean shifted
+    from skrtl._adabn import _matched_stats
+
+    eps = 1e-3
+    mean_t, var_t = torch.zeros(3), torch.tensor([1e-8, 1e-4, 1.0])
+    ref = (torch.zeros(3), torch.tensor([100.0, 100.0, 1.0]))
+    cur = (torch.zeros(3), torch.ones(3))
+    _, var = _matched_stats(mean_t, var_t, ref, cur, eps)
+    denom = torch.sqrt(var + eps)
+    assert torch.isfinite(denom).all() and (denom > 1e-3).all()
+    assert denom[0] == pytest.approx(float(torch.sqrt(torch.tensor(1.0 + eps))), rel=1e-5)
+    # an ordinary channel is still matched: target sd 1 = reference sd 1
+    assert denom[2] == pytest.approx(float(torch.sqrt(torch.tensor(1.0 + eps))), rel=1e-5)

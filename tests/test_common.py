@@ -20,6 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from skrtl._adabn import AdaBN
+from skrtl._auto_harmonize import AutoHarmonizer
 from skrtl._calibration import (
     BiasCorrectedTemperatureScaling,
     TemperatureScaling,
@@ -175,6 +176,7 @@ ESTIMATORS: list = [
     PretrainedCNNFeatures(input_size=32, batch_size=8),
     RadiomicsFeatures(features=["firstorder"], missing_mask="whole"),
     AdaBN(PretrainedCNNFeatures(input_size=32, batch_size=8)),
+    AutoHarmonizer(PretrainedCNNFeatures(input_size=32, batch_size=8), cv=2, random_state=0),
     SpacingResampler(),
     HistogramMatcher(),
     IntensityWindow(),
