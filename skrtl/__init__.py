@@ -107,6 +107,7 @@ from ._survival_metrics import (
 )
 from ._survival_plots import KaplanMeierDisplay, SurvivalCalibrationDisplay
 from ._transfer import layerwise_param_groups
+from ._volumetric import VOLUMETRIC_METHODS, convert_to_3d
 
 __version__ = "0.1.0"
 
@@ -118,6 +119,7 @@ __all__ = [
     "DEFAULT_BACKBONE",
     "EMBEDDED_BACKBONES",
     "RADIOMICS_FEATURE_CLASSES",
+    "VOLUMETRIC_METHODS",
     "AdaBN",
     "BackboneWeightsError",
     "BiasCorrectedTemperatureScaling",
@@ -173,6 +175,7 @@ __all__ = [
     "compare_geometry",
     "concordance_index",
     "concordance_scorer",
+    "convert_to_3d",
     "cox_score_test",
     "crop_lesion",
     "datasets",

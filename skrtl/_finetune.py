@@ -18,6 +18,9 @@ classification head, and adds what transfer learning on small medical data sets 
   restore, cosine learning-rate schedule, light augmentation (train only);
 * a cross-fitted ensemble (``n_estimators`` networks, each with its own validation fold) and
   mirror-image test-time augmentation;
+* volumes as volumes: ``mode="3d"`` with ``volumetric="acs"`` / ``"inflate"`` fine-tunes a
+  3-D network converted from the pretrained 2-D one (:func:`skrtl.convert_to_3d`), with the
+  same transfer layers, freeze depth, learning rates, prefix cache, ensemble and TTA;
 * a fresh pretrained start in every ``fit`` (safe in ``GridSearchCV``), ``random_state``
   reproducibility, pickling.
 
@@ -29,6 +32,7 @@ module-level function :func:`fit_member`.
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -53,7 +57,14 @@ from ._transfer import (
     create_transfer_model,
     prefix_stages,
 )
-from .utils import check_class_labels, derive_seed, resolve_device, root_seed
+from .utils import (
+    THRESHOLD_METRICS,
+    check_class_labels,
+    choose_threshold,
+    derive_seed,
+    resolve_device,
+    root_seed,
+)
 
 __all__ = ["FineTuneClassifier", "fit_member"]
 
@@ -61,6 +72,11 @@ _STRATEGIES = ("scratch", "linear_probe", "finetune")
 
 # at most this many bytes of cached frozen-prefix activations (else caching is skipped)
 _MAX_CACHE_BYTES = 2 * 1024**3
+
+
+# test-time views of a volume (N, C, D, H, W): the flipped axes of each view (chosen on the
+# validation split of AdrenalMNIST3D, see docs/volumes_3d.md)
+_VOLUME_TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-3,))
 
 
 def _silent(*args, **kwargs):
@@ -129,6 +145,7 @@ def fit_member(estimator, plan: _FitPlan, *, seed: int, train_idx, valid_idx):
             in_chans=plan.in_chans,
             n_out=plan.n_classes,
             drop_rate=estimator.drop_rate,
+            volumetric=estimator._network_kind(),
         )
         for pname, p in model.named_parameters():
             p.requires_grad_(pname not in plan.frozen_params)
@@ -198,13 +215,22 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         AdamW weight decay.
     max_epochs : int, default=15
     batch_size : int, default=32
-    input_size : int or (int, int), default=96
-        Images are resized (bilinear, antialiased) to this size.
+    input_size : int, (int, int), (int, int, int) or "auto", default="auto"
+        Images are resized (bilinear, antialiased) to this size (height, width); volumes of a
+        volumetric network to (depth, height, width) (an int: a cube), trilinearly.
+        ``"auto"``: 96 for images and 2-D network slices, 64 (a 64^3 cube) for volumetric
+        networks.
     mode : {"2d", "2.5d", "3d"}, default="2d"
         Input kind. ``"2.5d"``: planes through the lesion centre (or the volume centre) as
-        the channels, see ``slices``. ``"3d"``: slice-wise; every axial slice (those
+        the channels, see ``slices``. ``"3d"``: volumes, run as set by ``volumetric``.
+    volumetric : {"slices", "acs", "inflate"}, default="slices"
+        How ``mode="3d"`` runs the network. ``"slices"``: slice-wise; every axial slice (those
         containing the mask, when masks are given) is a training image with its volume's
         label, and predicted probabilities are averaged over the slices of a volume.
+        ``"acs"`` / ``"inflate"``: the whole volume goes through a 3-D network made from the
+        pretrained 2-D one (:func:`skrtl.convert_to_3d`: ACS convolutions, or I3D-inflated
+        kernels). Its transfer layers are the 2-D network's, so ``freeze_depth``, ``gamma``,
+        the prefix cache, the ensemble and AdaBN work as in 2-D. See ``docs/volumes_3d.md``.
     slices : {"orthogonal", "adjacent"}, default="orthogonal"
         2.5-D planes: the three orthogonal planes, or ``n_slices`` adjacent axial slices.
     n_slices : int, default=3
@@ -220,7 +246,8 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         Clip range of ``intensity="percentile"``.
     augment : bool, default=False
         Light augmentation of training batches (horizontal flip, rotation up to 10 degrees,
-        shift up to 5 %, contrast / brightness jitter); never applied at predict time.
+        shift up to 5 %, contrast / brightness jitter; for volumes the in-plane rotation and
+        a shift along every axis); never applied at predict time.
         Without augmentation, frozen layers are computed once per image (frozen-prefix
         caching), which makes epochs much cheaper.
     class_weight : "balanced", dict or None, default=None
@@ -255,8 +282,18 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         hyper-parameter searches.
     tta : bool, default=True
         Test-time augmentation: average the predictions on each image and on its horizontal
-        mirror image (the mirror is also one of the training augmentations). Set it to
-        ``False`` when left and right carry meaning for the label.
+        mirror image (the mirror is also one of the training augmentations); volumes of a
+        volumetric network: on the volume and its mirror images along the width, height and
+        depth axes (the flips were chosen on validation data, see ``docs/volumes_3d.md``). Set
+        it to ``False`` when left and right carry meaning for the label.
+    threshold : float, {"accuracy", "balanced_accuracy", "f1"} or None, default=None
+        Decision threshold of :meth:`predict` for two classes: the positive class (``classes_
+        [1]``) is predicted when its probability is at least the threshold. ``None``: the most
+        probable class (a threshold of 0.5). A float: that threshold. A metric name: the
+        threshold that maximises the metric on the out-of-fold validation predictions of the
+        ensemble (each member predicts the validation rows it did not train on; needs
+        ``validation_fraction``). With imbalanced classes the accuracy-optimal threshold of
+        a fine-tuned network is often not 0.5. ``predict_proba`` is never changed.
     device : str, default="auto"
         ``"auto"``: CUDA when available, else CPU.
     random_state : int, RandomState instance or None, default=None
@@ -293,6 +330,8 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         ``best_epoch_`` of every member.
     cached_prefix_ : int
         Number of network stages whose output was cached (0 = no caching).
+    threshold_ : float or None
+        Decision threshold used by :meth:`predict` (``None``: the most probable class).
     input_config_ : dict
         Channels, mean, std and input size used to build network inputs.
     preprocessor_ : ImagePreprocessor
@@ -321,6 +360,8 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
     (12, 2)
     """
 
+    _AUTO_INPUT_SIZE = 96
+
     _parameter_constraints: dict = {
         **BaseTorchImageEstimator._parameter_constraints,
         "strategy": [StrOptions(set(_STRATEGIES))],
@@ -341,6 +382,11 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         "batch_size_predict": [Interval(Integral, 1, None, closed="left"), None],
         "n_estimators": [Interval(Integral, 1, None, closed="left")],
         "tta": ["boolean"],
+        "threshold": [
+            Interval(Real, 0, 1, closed="neither"),
+            StrOptions(set(THRESHOLD_METRICS)),
+            None,
+        ],
         "random_state": ["random_state"],
     }
 
@@ -357,8 +403,9 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         weight_decay=1e-4,
         max_epochs=15,
         batch_size=32,
-        input_size=96,
+        input_size="auto",
         mode="2d",
+        volumetric="slices",
         slices="orthogonal",
         n_slices=3,
         intensity="auto",
@@ -375,6 +422,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         batch_size_predict=None,
         n_estimators=5,
         tta=True,
+        threshold=None,
         device="auto",
         random_state=None,
         verbose=0,
@@ -391,6 +439,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         self.batch_size = batch_size
         self.input_size = input_size
         self.mode = mode
+        self.volumetric = volumetric
         self.slices = slices
         self.n_slices = n_slices
         self.intensity = intensity
@@ -407,6 +456,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         self.batch_size_predict = batch_size_predict
         self.n_estimators = n_estimators
         self.tta = tta
+        self.threshold = threshold
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -478,6 +528,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
                 in_chans=in_chans,
                 n_out=n_classes,
                 drop_rate=self.drop_rate,
+                volumetric=self._network_kind(),
             )
         cfg = backbone_data_config(model)
         self._check_min_size(size, cfg["min_size"])
@@ -490,7 +541,6 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
             "std": self.preprocessor_.std,
             "input_size": tuple(size),
         }
-        X_img, owner = self._network_inputs(data)
         layers, L, k, gamma = self._resolve_structure(model, n_train)
         layer_of = {f"model.{p}": layer.index for layer in layers for p in layer.param_names}
         self.n_layers_ = L
@@ -502,22 +552,15 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         self.layer_lrs_ = {l: v for l, v in lr_of_layer.items() if l > k}
         frozen_params = {p for layer in layers[:k] for p in layer.param_names}
         # the frozen prefix is the same pretrained network for every member: computed once
-        # (with random weights, pretrained=False, each member computes its own)
-        n_prefix, X_prefix = 0, None
-        if not self.augment and k >= 1:
-            module = TransferModule(model).to(self.device_)
-            for pname, p in model.named_parameters():
-                p.requires_grad_(pname not in frozen_params)
-            module.eval()
-            probe = X_img[: min(2, len(X_img))].to(self.device_)
-            n_prefix = prefix_stages(module, k, layer_of, probe)
-            if n_prefix:
-                with torch.no_grad():
-                    h0 = module.forward_stages(X_img[:1].to(self.device_), 0, n_prefix)
-                if h0.numel() * 4 * len(X_img) > _MAX_CACHE_BYTES:
-                    n_prefix = 0
-            if n_prefix and pretrained:
-                X_prefix = _run_prefix(module, X_img, n_prefix, self.device_, self._bs_pred())
+        # (with random weights, pretrained=False, each member computes its own); volumes of a
+        # 3-D network are large, so their prefix is computed while they are preprocessed
+        if self._volumetric and pretrained and not self.augment and k >= 1:
+            X_img, owner, n_prefix, X_prefix = self._stream_prefix(
+                data, model, k, layer_of, frozen_params
+            )
+        else:
+            X_img, owner = self._network_inputs(data)
+            n_prefix, X_prefix = self._prefix(X_img, model, k, layer_of, frozen_params, pretrained)
         self.cached_prefix_ = n_prefix
         return _FitPlan(
             pretrained=pretrained,
@@ -537,6 +580,58 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
             use_valid=False,
             devices=devices,
         )
+
+    def _prefix(self, X_img, model, k, layer_of, frozen_params, pretrained):
+        """``(n_prefix, X_prefix)``: the cached frozen prefix of the network inputs."""
+        n_prefix, X_prefix = 0, None
+        if not self.augment and k >= 1:
+            module = TransferModule(model).to(self.device_)
+            for pname, p in model.named_parameters():
+                p.requires_grad_(pname not in frozen_params)
+            module.eval()
+            probe = X_img[: min(2, len(X_img))].to(self.device_)
+            n_prefix = prefix_stages(module, k, layer_of, probe)
+            if n_prefix:
+                with torch.no_grad():
+                    h0 = module.forward_stages(X_img[:1].to(self.device_), 0, n_prefix)
+                if h0.numel() * 4 * len(X_img) > _MAX_CACHE_BYTES:
+                    n_prefix = 0
+            if n_prefix and pretrained:
+                X_prefix = _run_prefix(module, X_img, n_prefix, self.device_, self._bs_pred())
+        return n_prefix, X_prefix
+
+    def _stream_prefix(self, data, model, k, layer_of, frozen_params):
+        """``(X_img or None, owner, n_prefix, X_prefix)``, the prefix computed batch by batch.
+
+        The network inputs are not kept when the prefix is cached (only its outputs are).
+        """
+        module = TransferModule(model).to(self.device_)
+        for pname, p in model.named_parameters():
+            p.requires_grad_(pname not in frozen_params)
+        module.eval()
+        batches = self.preprocessor_.iter_batches(data, range(len(data)), self._bs_pred())
+        first = next(batches)
+        x0 = first[0].to(self.device_)
+        n_prefix = prefix_stages(module, k, layer_of, x0[:2])
+        if n_prefix:
+            with torch.no_grad():
+                h0 = module.forward_stages(x0[:1], 0, n_prefix)
+            if h0.numel() * 4 * len(data) > _MAX_CACHE_BYTES:
+                n_prefix = 0
+        xs, owners = [], []
+        for x, _, owner in itertools.chain([first], batches):
+            if n_prefix:
+                with torch.no_grad():
+                    x = module.forward_stages(x.to(self.device_), 0, n_prefix).cpu()
+            xs.append(x)
+            owners.append(owner)
+        X = torch.cat(xs)
+        owner = np.concatenate(owners)
+        return (None, owner, n_prefix, X) if n_prefix else (X, owner, 0, None)
+
+    def _network_kind(self) -> str | None:
+        """The 3-D conversion of the network (None: the 2-D network)."""
+        return self.volumetric if self._volumetric else None
 
     # ----------------------------------------------------------------------------------------
     @_fit_context(prefer_skip_nested_validation=True)
@@ -592,7 +687,42 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         self.history_ = histories[0]
         self.best_epochs_ = best_epochs
         self.best_epoch_ = best_epochs[0]
+        self.threshold_ = self._fit_threshold(data, y_enc, splits if use_valid else None)
         return self
+
+    def _fit_threshold(self, data, y_enc, splits) -> float | None:
+        """The decision threshold of ``predict`` (None: the most probable class).
+
+        A metric name chooses it on the out-of-fold validation predictions: each member
+        predicts its own validation rows (which it did not train on).
+        """
+        t = self.threshold
+        if t is None:
+            return None
+        if len(self.classes_) != 2:
+            raise ValueError(
+                f"threshold={t!r} applies to binary problems; y has {len(self.classes_)} "
+                "classes. Use threshold=None (the most probable class)."
+            )
+        if not isinstance(t, str):
+            if not 0.0 < float(t) < 1.0:
+                raise ValueError(f"threshold must be in (0, 1), got {t!r}.")
+            return float(t)
+        if splits is None:
+            warnings.warn(
+                f"{type(self).__name__}(threshold={t!r}) chooses the threshold on the "
+                "validation split, but there is none (validation_fraction=None or too few "
+                "samples); using 0.5.",
+                UserWarning,
+                stacklevel=3,
+            )
+            return 0.5
+        rows, proba = [], []
+        for net, (_, va_idx) in zip(self.nets_, splits):
+            rows.append(va_idx)
+            proba.append(self._proba_of(data, va_idx, [net])[:, 1])
+        rows, proba = np.concatenate(rows), np.concatenate(proba)
+        return choose_threshold(y_enc[rows], proba, metric=t)
 
     def _validation_splits(self, y_enc, n_classes, seed, n_members):
         """``[(train_idx, valid_idx)] * n_members`` or None (no validation split possible).
@@ -767,25 +897,37 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         """
         check_is_fitted(self, "net_")
         data = self._read(X)
-        n = len(data)
-        x, owner = self._network_inputs(data)
+        return self._proba_of(data, np.arange(len(data)), self.nets_)
+
+    def _proba_of(self, data, rows, nets) -> np.ndarray:
+        """Mean probabilities of ``nets`` (and the TTA views) for the samples ``rows``."""
+        rows = np.asarray(rows, dtype=np.intp)
+        pos = np.full(len(data), -1, dtype=np.intp)
+        pos[rows] = np.arange(len(rows))
         dev = self._module_device()
-        bs = self._bs_pred()
-        sums = np.zeros((n, len(self.classes_)))
-        counts = np.zeros(n)
-        views = [lambda t: t, lambda t: t.flip(-1)] if self.tta else [lambda t: t]
-        for net in self.nets_:
-            module = net.module_
-            with torch.no_grad():
-                for start in range(0, len(x), bs):
-                    xb = x[start : start + bs].to(dev)
-                    idx = owner[start : start + bs]
-                    for view in views:
-                        logits = _eval_forward(module, view(xb))
+        sums = np.zeros((len(rows), len(self.classes_)))
+        counts = np.zeros(len(rows))
+        flips = self._tta_flips()
+        batches = self.preprocessor_.iter_batches(data, rows, self._bs_pred())
+        with torch.no_grad():
+            for x, _, owners in batches:
+                xb = x.to(dev)
+                idx = pos[owners]
+                for net in nets:
+                    for dims in flips:
+                        logits = _eval_forward(net.module_, xb.flip(dims) if dims else xb)
                         p = torch.softmax(logits.float(), dim=1).cpu().numpy()
                         np.add.at(sums, idx, p)
                         np.add.at(counts, idx, 1)
         return sums / counts[:, None]
+
+    def _tta_flips(self) -> tuple[tuple[int, ...], ...]:
+        """Axes flipped by each test-time view (``()``: the input itself)."""
+        if not self.tta:
+            return ((),)
+        if getattr(self.preprocessor_, "is_volumetric", False):
+            return _VOLUME_TTA_FLIPS
+        return ((), (-1,))
 
     def decision_function(self, X) -> np.ndarray:
         """Log-odds of the positive class (binary) or log-probabilities (multi-class)."""
@@ -795,8 +937,12 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         return np.log(proba)
 
     def predict(self, X) -> np.ndarray:
-        """Most probable class of each sample."""
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        """Most probable class of each sample, or the positive class above ``threshold_``."""
+        proba = self.predict_proba(X)
+        t = getattr(self, "threshold_", None)
+        if t is None:
+            return self.classes_[np.argmax(proba, axis=1)]
+        return self.classes_[(proba[:, 1] >= t).astype(int)]
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

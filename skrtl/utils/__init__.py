@@ -13,11 +13,12 @@ from ._hashing import fingerprint, hash_array
 from ._hooks import StopForward, call_order, capture_outputs, forward_hooks, stop_after
 from ._indexing import index_params
 from ._labels import check_class_labels, missing_rows
-from ._proba import PROBA_FLOOR, reweight_posteriors
+from ._proba import PROBA_FLOOR, THRESHOLD_METRICS, choose_threshold, reweight_posteriors
 from ._random import derive_seed, root_seed
 
 __all__ = [
     "PROBA_FLOOR",
+    "THRESHOLD_METRICS",
     "LRUCache",
     "StopForward",
     "bf16_supported",
@@ -26,6 +27,7 @@ __all__ = [
     "capture_outputs",
     "check_class_labels",
     "check_writable_dir",
+    "choose_threshold",
     "derive_seed",
     "fingerprint",
     "forward_hooks",
