@@ -39,6 +39,15 @@ from ._domain_adaptation import (
     SiteDAPipeline,
     make_site_da_pipeline,
 )
+from ._explain import SaliencyMaps, explain
+from ._explain_checks import (
+    RandomizationResult,
+    randomization_test,
+    randomized_copy,
+    saliency_correlation,
+)
+from ._explain_display import SaliencyDisplay
+from ._explain_views import SaliencyView
 from ._extract import ExtractResult, extract_cohort, read_radiomics_params
 from ._features import PretrainedCNNFeatures, clear_feature_cache, feature_cache_info
 from ._finetune import FineTuneClassifier
@@ -81,6 +90,7 @@ from ._lesion import (
 )
 from ._pruning import CVMedianPruner
 from ._radiomics import RADIOMICS_FEATURE_CLASSES, RadiomicsFeatures, otsu_mask
+from ._redundancy import CorrelationClusterSelector
 from ._search import TransferSearchCV
 from ._search_display import TransferSearchDisplay
 from ._search_space import transfer_search_space
@@ -88,11 +98,17 @@ from ._survival import (
     CoxPHSurvival,
     SelectKBestSurvival,
     as_survival_target,
+    breslow_cumulative_hazard,
     concordance_index,
     cox_score_test,
     kaplan_meier,
     make_survival_target,
     survival_target_to_frame,
+)
+from ._survival_finetune import (
+    CoxPartialLikelihoodLoss,
+    FineTuneSurvival,
+    cox_partial_likelihood_loss,
 )
 from ._survival_fusion import SurvivalEnsemble, make_survival_fusion
 from ._survival_metrics import (
@@ -128,10 +144,13 @@ __all__ = [
     "CohortError",
     "ComBatHarmonizer",
     "ComBatWarning",
+    "CorrelationClusterSelector",
     "CoxPHSurvival",
+    "CoxPartialLikelihoodLoss",
     "DomainAdapter",
     "ExtractResult",
     "FineTuneClassifier",
+    "FineTuneSurvival",
     "HarmonizationWarning",
     "HistogramMatcher",
     "ImageHeader",
@@ -148,6 +167,10 @@ __all__ = [
     "MedicalImage",
     "PretrainedCNNFeatures",
     "RadiomicsFeatures",
+    "RandomizationResult",
+    "SaliencyDisplay",
+    "SaliencyMaps",
+    "SaliencyView",
     "SelectKBestSurvival",
     "ShiftDiagnosis",
     "SiteDAPipeline",
@@ -165,6 +188,7 @@ __all__ = [
     "adjacent_slices",
     "adjust_posteriors",
     "as_survival_target",
+    "breslow_cumulative_hazard",
     "backbone_data_config",
     "bbse_prior_estimate",
     "bn_layers",
@@ -176,12 +200,14 @@ __all__ = [
     "concordance_index",
     "concordance_scorer",
     "convert_to_3d",
+    "cox_partial_likelihood_loss",
     "cox_score_test",
     "crop_lesion",
     "datasets",
     "describe_layers",
     "diagnose_shift",
     "em_prior_estimate",
+    "explain",
     "extract_cohort",
     "feature_cache_info",
     "get_transfer_layers",
@@ -208,6 +234,8 @@ __all__ = [
     "prior_shift_class_weight",
     "prior_shift_sample_weight",
     "proxy_a_distance",
+    "randomization_test",
+    "randomized_copy",
     "read_cohort",
     "read_header",
     "read_image",
@@ -215,6 +243,7 @@ __all__ = [
     "read_mask",
     "read_radiomics_params",
     "reestimate_bn_stats",
+    "saliency_correlation",
     "select_label",
     "suggest_strategy",
     "survival_function_at",

@@ -674,16 +674,34 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
             )
         return keys, labels
 
-    def _per_domain(self, method: str, X, sample_domain=None, *, source=False):
+    def site_estimators(self, X, *, sample_domain=None) -> list[tuple[str, object, np.ndarray]]:
+        """The fitted copy of the inner estimator that serves each row of ``X``.
+
+        ``transform`` and the prediction methods run every row through the copy holding its
+        site's BatchNorm statistics; this returns those copies, e.g. to explain each row with
+        the network that predicts it (:func:`skrtl.explain`).
+
+        Parameters
+        ----------
+        X : ndarray or image frame
+        sample_domain : array-like of shape (n_samples,), optional
+            Site of each row (metadata routing), instead of the frame's site column.
+
+        Returns
+        -------
+        list of (str, estimator, ndarray of int)
+            ``(domain, estimator, rows)`` per group of rows: the domain key (a site,
+            ``"__source__"`` for the source statistics, ``"__target__"`` for a single target
+            domain), the fitted estimator copy and the row positions it serves. With
+            ``unseen="batch"``, a site that was not adapted gets a copy adapted on its rows of
+            ``X`` (with a :class:`~skrtl.HarmonizationWarning`); it is not stored.
+        """
         check_is_fitted(self, "bn_stats_")
-        if source:
-            return getattr(self.estimator_, method)(X)
         keys, _ = self._route(X, sample_domain)
         groups = sorted(set(keys), key=lambda k: (k != _SOURCE, str(k)))
-        outs, rows_all = [], []
+        out = []
         for g in groups:
-            rows = np.flatnonzero(keys == g) if len(groups) > 1 else np.arange(len(keys))
-            Xg = X if len(groups) == 1 else _rows(X, rows)
+            rows = np.flatnonzero(keys == g)
             if g in self.bn_stats_:
                 est = self._variant(g)
             else:  # unseen="batch": statistics of this site's rows in the batch, not stored
@@ -693,7 +711,19 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
                     HarmonizationWarning,
                     stacklevel=3,
                 )
+                Xg = X if len(groups) == 1 else _rows(X, rows)
                 est, _, _ = self._adapted_copy(Xg, g)
+            out.append((g, est, rows))
+        return out
+
+    def _per_domain(self, method: str, X, sample_domain=None, *, source=False):
+        check_is_fitted(self, "bn_stats_")
+        if source:
+            return getattr(self.estimator_, method)(X)
+        groups = self.site_estimators(X, sample_domain=sample_domain)
+        outs, rows_all = [], []
+        for _, est, rows in groups:
+            Xg = X if len(groups) == 1 else _rows(X, rows)
             outs.append(getattr(est, method)(Xg))
             rows_all.append(rows)
         if len(groups) == 1:
@@ -702,7 +732,8 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
             order = np.concatenate(rows_all)
             return pd.concat(outs).iloc[np.argsort(order, kind="stable")]
         arrs = [np.asarray(o) for o in outs]
-        out = np.empty((len(keys),) + arrs[0].shape[1:], dtype=arrs[0].dtype)
+        n_rows = sum(len(rows) for rows in rows_all)
+        out = np.empty((n_rows,) + arrs[0].shape[1:], dtype=arrs[0].dtype)
         for rows, a in zip(rows_all, arrs):
             out[rows] = a
         return out
@@ -777,8 +808,12 @@ class AdaBN(MetaEstimatorMixin, TransformerMixin, BaseEstimator):
 
     @available_if(_inner_has("score"))
     def score(self, X, y, sample_weight=None, *, sample_domain=None):
-        """Accuracy (classifier) or R^2 (regressor) with the adapted statistics."""
+        """Accuracy (classifier), Harrell's C (survival) or R^2 with the adapted statistics."""
         pred = self.predict(X, sample_domain=sample_domain)
+        if hasattr(self.estimator_, "survival_train_"):  # a risk score (FineTuneSurvival)
+            from ._survival import concordance_index
+
+            return concordance_index(y, pred, sample_weight=sample_weight)
         if hasattr(self.estimator_, "classes_"):
             from sklearn.metrics import accuracy_score
 

@@ -31,6 +31,7 @@ __all__ = [
 MONITORS: tuple[tuple[str, float], ...] = (
     ("valid_auc", 1.0),
     ("valid_acc", 1.0),
+    ("valid_cindex", 1.0),
     ("valid_loss", -1.0),
 )
 

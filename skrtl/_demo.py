@@ -10,8 +10,10 @@ MedMNIST file with a simulated second site.
 Steps: deep features of the embedded backbone, shift diagnostics, harmonization (none /
 histogram matching / ComBat / AdaBN), linear probe vs fine-tuning, label-shift adaptation,
 Cox model on deep features. Steps that need what a cohort lacks (a second site, survival
-columns) are skipped with a note. Writes ``report.md`` and PNG plots into ``output_dir`` and
-returns the results table.
+columns) are skipped with a note. Saliency maps (:func:`skrtl.explain`) of a few images per
+site show where the fine-tuned network and the linear probe look. Writes ``report.md``, PNG
+plots and ``report.html`` (one self-contained page: figures embedded, tables, shift
+diagnostics, timings) into ``output_dir`` and returns the results table.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ class _Study:
         self.verbose = verbose
         self.rows: list[dict] = []
         self.notes: list[str] = []
-        self.sections: list[str] = []
-        self.figures: list[tuple[str, str]] = []
+        # report sections: {"key", "title", "table" (DataFrame or None), "text" (paragraphs)}
+        self.sections: list[dict] = []
+        self.figures: list[tuple[str, str, str | None]] = []  # (file, caption, section key)
+        self.timings: list[tuple[str, float, bool]] = []  # (step, seconds, finished)
         self.start = time.perf_counter()
 
     def log(self, msg: str) -> None:
@@ -65,27 +69,34 @@ class _Study:
             }
         )
 
-    def savefig(self, fig, name: str, caption: str) -> None:
+    def savefig(self, fig, name: str, caption: str, section: str | None = None) -> None:
         import matplotlib.pyplot as plt
 
         fig.savefig(self.output_dir / name, dpi=90, bbox_inches="tight")
         plt.close(fig)
-        self.figures.append((name, caption))
+        self.figures.append((name, caption, section))
+
+    def section(self, key: str, title: str, table=None, text: str = "") -> None:
+        self.sections.append({"key": key, "title": title, "table": table, "text": text})
 
     def run(self, title: str, func, *args, **kwargs):
         """Run a step; on error record it and go on (the demo always finishes)."""
         self.log(title)
         t0 = time.perf_counter()
+        ok = False
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                return func(*args, **kwargs)
+                out = func(*args, **kwargs)
+                ok = True
+                return out
             except Exception as exc:  # a demo step must never abort the report
                 self.note(f"step '{title}' failed: {type(exc).__name__}: {exc}")
                 if self.verbose > 1:
                     traceback.print_exc()
                 return None
             finally:
+                self.timings.append((title, time.perf_counter() - t0, ok))
                 seen = set()
                 for w in caught:
                     msg = f"{w.category.__name__}: {str(w.message).splitlines()[0][:160]}"
@@ -502,7 +513,7 @@ def _features(study, d, image_size, random_state):
     ext.fit(frame.iloc[d["train"]])
     F = np.asarray(ext.transform(frame), dtype=np.float64)
     study.log(f"features {F.shape} in {time.perf_counter() - t0:.1f}s")
-    return F, PretrainedCNNFeatures
+    return F, PretrainedCNNFeatures, ext
 
 
 def _diagnostics(study, d, F, quick, random_state):
@@ -538,14 +549,13 @@ def _diagnostics(study, d, F, quick, random_state):
                   target=diag.prior_p_value)  # fmt: skip
         study.add(step, "class-conditional MMD", "p-value", target=diag.conditional_p_value)
         fname = f"diagnostics_{key}.png"
-        study.savefig(diag.plot(), fname, f"Shift diagnostics: {src_name} vs {name}.")
-        study.sections.append(
-            f"## Shift diagnostics: {src_name} vs {name}"
-            + (" (target labels used)" if labelled else " (target labels not used)")
-            + "\n\n"
-            + _md_table(diag.summary())
-            + "\n\n"
-            + diag.advice().replace("\n", "\n\n")
+        study.savefig(diag.plot(), fname, f"Shift diagnostics: {src_name} vs {name}.", section=key)
+        study.section(
+            key,
+            f"Shift diagnostics: {src_name} vs {name}"
+            + (" (target labels used)" if labelled else " (target labels not used)"),
+            table=diag.summary(),
+            text=diag.advice(),
         )
         out[key] = diag
     return out
@@ -653,6 +663,93 @@ def _finetune(study, d, image_size, quick, random_state):
         ax.set_xlabel("epoch")
         ax.legend()
         study.savefig(fig, "finetune_history.png", "Fine-tuning loss per epoch.")
+    return clf
+
+
+def _saliency_examples(d, per_site: int = 2) -> np.ndarray:
+    """A few images per site that no model trained on: one per class where a site has both."""
+    frame, y = d["frame"], d["y"]
+    held = np.setdiff1d(np.arange(len(y)), d["train"])
+    pool = held if len(held) else np.arange(len(y))
+    sites = (
+        frame["site"].astype(str).to_numpy()
+        if "site" in frame.columns
+        else np.full(len(y), "all", dtype=object)
+    )
+    rows = []
+    for site in dict.fromkeys(sites[pool].tolist()):
+        cand = pool[sites[pool] == site]
+        picked = [cand[y[cand] == c][0] for c in (1, 0) if (y[cand] == c).any()]
+        picked += [r for r in cand if r not in picked]
+        rows.extend(picked[:per_site])
+    return np.asarray(rows[: 6 * per_site], dtype=int)
+
+
+def _saliency(study, d, F, ext, clf):
+    """Saliency maps of a few images per site: Grad-CAM of the network, CAM of the probe."""
+    from sklearn.pipeline import Pipeline
+
+    from ._explain import explain
+
+    frame, y, tr = d["frame"], d["y"], d["train"]
+    rows = _saliency_examples(d)
+    if not len(rows):
+        return
+    X = frame.iloc[rows]
+    sites = X["site"].astype(str).to_numpy() if "site" in X.columns else ["all"] * len(rows)
+    titles = [f"site {s}, y={y[r]}" for s, r in zip(sites, rows)]
+    probe = _probe().fit(F[tr], y[tr])
+    pipe = Pipeline([("cnn", ext), ("scaler", probe[0]), ("probe", probe[-1])])
+    source = np.isin(rows, d["test"])
+    table = pd.DataFrame({"case": [str(i) for i in X.index], "site": sites, "y": y[rows]})
+    runs = []
+    if clf is not None:
+        runs.append(("fine-tuned network, Grad-CAM of the last convolutional stage",
+                     "saliency_finetune.png", "Grad-CAM", clf))  # fmt: skip
+    runs.append(("linear probe, class activation map (coefficients on the feature map)",
+                 "saliency_probe.png", "probe CAM", pipe))  # fmt: skip
+    for caption, fname, short, est in runs:
+        t0 = time.perf_counter()
+        maps = explain(est, X, target=1)  # the evidence for the positive class
+        sec = time.perf_counter() - t0
+        disp = maps.plot(ncols=min(4, len(rows)), titles=titles, panel_size=1.9)
+        study.savefig(disp.figure_, fname, f"Saliency maps, {caption} (positive class; green: "
+                      "lesion mask).", section="saliency")  # fmt: skip
+        share, frac = maps.mask_share(), maps.mask_fraction()
+        score = "p(y=1)" if maps.method != "cam" else "decision"
+        table[f"{short} {score}"] = maps.scores
+        if np.isfinite(share).any():
+            table[f"{short} share in lesion"] = share
+            study.add(
+                "saliency",
+                f"{short} ({maps.layer if isinstance(maps.layer, str) else '+'.join(maps.layer)})",
+                "share in lesion",
+                float(np.nanmean(share[source])) if source.any() else np.nan,
+                float(np.nanmean(share[~source])) if (~source).any() else np.nan,
+                sec,
+                f"{len(rows)} images; the lesion covers {np.nanmean(frac):.0%} of them",
+            )
+        else:
+            why = "no masks" if "mask" not in X.columns else "constant maps: a 1 x 1 feature map"
+            study.add("saliency", short, "images explained", np.nan, np.nan, sec,
+                      f"{len(rows)} images ({why})")  # fmt: skip
+    if "mask" in X.columns:
+        table["lesion fraction"] = maps.mask_fraction()
+    study.section(
+        "saliency",
+        "Saliency maps",
+        table=table,
+        text=(
+            "Where the models look, on a few images per site that no model was trained on: "
+            "skrtl.explain maps the evidence for the positive class back onto the original "
+            "image grid. 'share in lesion' is the share of the (positive) saliency inside the "
+            "lesion mask; compare it with the lesion fraction, the share a map spread evenly "
+            "would have.\n"
+            "The fine-tuned network sees the whole image, so its share inside the lesion says "
+            "where it looked. The linear probe pools inside the lesion mask (masked pooling), "
+            "so its map lies on the feature-map cells the mask covers by construction."
+        ),
+    )
 
 
 def _linear_probe_row(study, d, F):
@@ -750,19 +847,80 @@ def _write_report(study, d, params) -> Path:
         "",
     ]
     for sec in study.sections:
-        lines += [sec, ""]
+        lines += [f"## {sec['title']}", ""]
+        if sec["table"] is not None:
+            lines += [_md_table(sec["table"]), ""]
+        lines += [para for line in sec["text"].splitlines() if line for para in (line, "")]
     if d.get("site_params"):
         sp = pd.DataFrame(d["site_params"]).T.reset_index(names="site")
         lines += ["## Simulated scanners", "", _md_table(sp), ""]
     if study.figures:
         lines += ["## Figures", ""]
-        for name, caption in study.figures:
+        for name, caption, _ in study.figures:
             lines += [f"![{caption}]({name})", "", caption, ""]
     if study.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in study.notes] + [""]
     lines += [f"Total run time: {time.perf_counter() - study.start:.0f} s.", ""]
     path = study.output_dir / "report.md"
     path.write_text("\n".join(lines))
+    return path
+
+
+def _write_html_report(study, d, params) -> Path:
+    """``report.html``: the report as one self-contained page (figures embedded)."""
+    import html as _html
+
+    from ._report_html import html_figure, html_page, html_table, html_text
+
+    out = study.output_dir
+    figures = {name: (caption, key) for name, caption, key in study.figures}
+
+    def figs(key=None, names=None) -> str:
+        chosen = [n for n, (_, k) in figures.items() if (names is None and k == key)]
+        chosen += [n for n in (names or []) if n in figures]
+        return "".join(html_figure(out / n, figures[n][0]) for n in chosen)
+
+    table = pd.DataFrame(study.rows)
+    sections = [
+        ("results", "Results", html_table(table) if len(table) else "<p>(no results)</p>"),
+    ]
+    if "examples.png" in figures:
+        sections.append(("examples", "Example images per site", figs(names=["examples.png"])))
+    for sec in study.sections:
+        body = "" if sec["table"] is None else html_table(sec["table"])
+        body += html_text(sec["text"]) + figs(sec["key"])
+        sections.append((sec["key"], sec["title"], body))
+    other = [n for n, (_, k) in figures.items() if k is None and n != "examples.png"]
+    if other:
+        sections.append(("figures", "Figures", figs(names=other)))
+    if d.get("site_params"):
+        sp = pd.DataFrame(d["site_params"]).T.reset_index(names="site")
+        sections.append(("scanners", "Simulated scanners", html_table(sp)))
+    timings = pd.DataFrame(
+        [{"step": t, "seconds": sec, "finished": ok} for t, sec, ok in study.timings]
+    )
+    total = time.perf_counter() - study.start
+    sections.append(
+        (
+            "timings",
+            "Timings",
+            (html_table(timings, float_format="{:.1f}") if len(timings) else "")
+            + html_text(f"Total run time: {total:.0f} s."),
+        )
+    )
+    if study.notes:
+        items = "".join(f"<li>{_html.escape(n)}</li>" for n in study.notes)
+        sections.append(("notes", "Notes", f'<ul class="notes">{items}</ul>'))
+    settings = (
+        f"Settings: {params}. Models are trained on the training images of the source "
+        f"site(s). Column 'source' = held-out source images; column 'target' = "
+        f"{d['target_name']}, except for the label-shift rows: {d['label_target_name']}."
+    )
+    intro = (
+        html_text(f"Data: {d['description']}") + f'<p class="meta">{_html.escape(settings)}</p>'
+    )
+    path = out / "report.html"
+    path.write_text(html_page("skrtl demo report", sections, intro=intro), encoding="utf-8")
     return path
 
 
@@ -840,7 +998,8 @@ def run_demo(
     Returns
     -------
     dict
-        ``results`` (DataFrame), ``report`` (path of report.md), ``diagnosis`` (dict
+        ``results`` (DataFrame), ``report`` (path of report.md), ``html`` (path of the
+        self-contained report.html), ``diagnosis`` (dict
         ``"target"`` / ``"label_target"`` -> :class:`~skrtl._diagnostics.ShiftDiagnosis`, or
         None), ``notes`` (list of str), ``cohort`` (path of the cohort CSV the study read, or
         None for a MedMNIST file).
@@ -911,11 +1070,12 @@ def run_demo(
                     image_size, random_state)  # fmt: skip
     diag = None
     if res is not None:
-        F, feat_cls = res
+        F, feat_cls, ext = res
         if shift:
             diag = study.run("shift diagnostics", _diagnostics, study, d, F, quick, random_state)
         study.run("linear probe", _linear_probe_row, study, d, F)
-        study.run("fine-tuning", _finetune, study, d, image_size, quick, random_state)
+        clf = study.run("fine-tuning", _finetune, study, d, image_size, quick, random_state)
+        study.run("saliency maps", _saliency, study, d, F, ext, clf)
         if shift:
             _harmonization(study, d, F, feat_cls, image_size, random_state)
             study.run("label-shift adaptation", _label_shift, study, d, F, random_state)
@@ -934,14 +1094,16 @@ def run_demo(
     if cohort is not None:
         params.update(mode=d["mode"], target=target)
     report = _write_report(study, d, params)
+    html = _write_html_report(study, d, params)
     results = pd.DataFrame(study.rows)
     if verbose:
         with pd.option_context("display.width", 140, "display.max_colwidth", 48):
             print(results.drop(columns=["note"]).to_string(index=False, float_format="%.3f"))
-        print(f"\nreport: {report}")
+        print(f"\nreport: {report} (and {html.name})")
     return {
         "results": results,
         "report": report,
+        "html": html,
         "diagnosis": diag,
         "notes": study.notes,
         "cohort": d.get("cohort_csv"),

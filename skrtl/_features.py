@@ -9,11 +9,12 @@ trained on top of it::
 The work per image is the shared preprocessing path (:mod:`skrtl._preprocess`: intensity
 scaling, slicing of volumes, resizing, the backbone's normalisation), one forward pass of a fast
 inference copy of the network (:mod:`skrtl._inference`; for the 3-D networks of
-``volumetric="acs"`` / ``"inflate"``, :class:`~skrtl._volumetric.VolumetricRunner`) and (masked)
-global pooling of one or several feature maps. Batches are streamed: memory holds one batch of network inputs and the
-output matrix, never the whole data set as a tensor. A content-keyed, process-wide LRU cache
-stores each image's features, so that a :class:`~sklearn.model_selection.GridSearchCV` over the
-downstream classifier runs the CNN once per image.
+``volumetric="acs"`` / ``"inflate"``, :class:`~skrtl._volumetric.VolumetricRunner`) and
+(masked) global pooling of one or several feature maps. Batches are streamed: memory holds one
+batch of network inputs and the output matrix, never the whole data set as a tensor. A
+content-keyed, process-wide LRU cache stores each image's features, so that a
+:class:`~sklearn.model_selection.GridSearchCV` over the downstream classifier runs the CNN once
+per image.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import os
 import re
 import warnings
 from numbers import Integral, Real
@@ -50,6 +52,7 @@ from .utils import (
     fingerprint,
     forward_hooks,
     hash_array,
+    open_disk_cache,
     resolve_device,
 )
 
@@ -119,7 +122,7 @@ class PretrainedCNNFeatures(
         to ``input_size`` ``(D, H, W)``, goes through a 3-D network made from the pretrained
         2-D one (:func:`skrtl.convert_to_3d`: ACS convolutions, or I3D-inflated kernels),
         and the 3-D feature maps are pooled (masked pooling over the 3-D grid). See
-        ``docs/volumes_3d.md``.
+        ``docs/features.md``.
     slices : {"orthogonal", "adjacent"}, default="orthogonal"
         2.5-D planes: the three orthogonal planes, or ``n_slices`` adjacent axial slices.
     n_slices : int, default=3
@@ -139,8 +142,9 @@ class PretrainedCNNFeatures(
     mask_pooling : bool, default=True
         When the input has masks (image frame ``mask`` column), pool only over the feature-map
         cells covered by the mask: the mask is resized with the image, then area-averaged onto
-        each feature map (the 3-D grid of a volumetric network); average and GeM pooling weight every cell by its mask fraction, max
-        pooling takes cells with a non-zero fraction. Without masks, whole-image pooling.
+        each feature map (the 3-D grid of a volumetric network); average and GeM pooling weight
+        every cell by its mask fraction, max pooling takes cells with a non-zero fraction.
+        Without masks, whole-image pooling.
     input_size : int, (int, int), (int, int, int) or "auto", default="auto"
         Images are resized (bilinear, antialiased) to this size (height, width); volumes of a
         volumetric network to (depth, height, width) (an int: a cube), trilinearly.
@@ -177,8 +181,21 @@ class PretrainedCNNFeatures(
         activations), so it is off by default. Only used for ``layers="final"``.
     cache : bool, default=True
         Look features up in (and store them into) the process-wide LRU cache, keyed by a hash
-        of the image (and mask) content, every parameter that changes the features and the
-        exact network state. See :func:`feature_cache_info` / :func:`clear_feature_cache`.
+        of the image (and mask) content (the file identity for cohort files), every parameter
+        that changes the features and the exact network state. See :func:`feature_cache_info`
+        / :func:`clear_feature_cache`.
+    cache_dir : str, path or None, default=None
+        A folder for a persistent feature cache with the same keys, shared by processes and
+        runs (safe with concurrent writers; values stored as raw bytes, never pickled): a
+        second process or a later run over the same cohort reads the features instead of
+        computing them.
+    cache_size_mb : float, default=2048
+        Size bound of the ``cache_dir`` cache (least recently used entries are evicted).
+    n_jobs : int or None, default=None
+        Extract in parallel with joblib (``None`` = 1, ``-1`` = all cores): the rows are cut
+        into chunks of whole batches, each transformed by a worker. Under
+        ``joblib.parallel_config(backend="dask")`` the chunks run on a Dask cluster. The
+        result equals the serial one.
     passthrough : str, list of str or None, default=None
         Columns of the image frame appended, unchanged, after the features (e.g.
         ``["site", "age"]``), so that the next Pipeline step sees them: ComBat reads the site
@@ -203,6 +220,9 @@ class PretrainedCNNFeatures(
         normalisation), shared with every torch estimator.
     layers_ : list of str
         Resolved layer tags (``"l9"``, ...) in output order.
+    layer_modules_ : list of str
+        Module of the network whose output each entry of ``layers_`` pools (``""``: the
+        final feature map, ``forward_features``); read by :func:`skrtl.explain`.
     passthrough_ : list of str
         The passthrough columns (empty without ``passthrough``).
     n_features_out_ : int
@@ -235,6 +255,9 @@ class PretrainedCNNFeatures(
         "precision": [StrOptions({"auto", "mixed", "bf16", "fp32"})],
         "compile": ["boolean"],
         "cache": ["boolean"],
+        "cache_dir": [str, os.PathLike, None],
+        "cache_size_mb": [Interval(Real, 0, None, closed="neither")],
+        "n_jobs": [Integral, None],
         "passthrough": [str, list, tuple, None],
     }
 
@@ -262,6 +285,9 @@ class PretrainedCNNFeatures(
         precision="auto",
         compile=False,
         cache=True,
+        cache_dir=None,
+        cache_size_mb=2048,
+        n_jobs=None,
         passthrough=None,
         verbose=0,
     ):
@@ -286,6 +312,9 @@ class PretrainedCNNFeatures(
         self.precision = precision
         self.compile = compile
         self.cache = cache
+        self.cache_dir = cache_dir
+        self.cache_size_mb = cache_size_mb
+        self.n_jobs = n_jobs
         self.passthrough = passthrough
         self.verbose = verbose
 
@@ -435,6 +464,7 @@ class PretrainedCNNFeatures(
         self._fast = None
         self.layers_ = [tag for tag, _ in resolved]
         self._layer_modules = [m for _, m in resolved]
+        self.layer_modules_ = list(self._layer_modules)
         self.layer_dims_ = dims
         pools = ["avg", "max"] if self.pooling == "avgmax" else [self.pooling]
         names = []
@@ -477,8 +507,7 @@ class PretrainedCNNFeatures(
         compiled = bool(self.compile) and self._layer_modules == [""] and not self._volumetric
         if self.compile and not compiled:
             warnings.warn(
-                "compile=True is only used with layers='final' and 2-D networks; running "
-                "eagerly.",
+                "compile=True is only used with layers='final' and 2-D networks; running eagerly.",
                 UserWarning,
                 stacklevel=3,
             )
@@ -615,24 +644,62 @@ class PretrainedCNNFeatures(
         check_is_fitted(self, "model_")
         data = self._read(X)
         n = len(data)
-        out = np.zeros((n, len(self._cnn_names)), dtype=np.float32)
+        width = len(self._cnn_names)
+        out = np.zeros((n, width), dtype=np.float32)
         todo = list(range(n))
         keys = None
-        if self.cache:
+        disk = (
+            None
+            if self.cache_dir is None
+            else open_disk_cache(self.cache_dir, max_mb=self.cache_size_mb)
+        )
+        if self.cache or disk is not None:
             keys = self._sample_keys(data, self._config_key())
             todo = []
             for i, key in enumerate(keys):
-                hit = _FEATURE_CACHE.get(key)
+                hit = _FEATURE_CACHE.get(key) if self.cache else None
+                if hit is None and disk is not None:
+                    hit = disk.get_array(key, dtype=np.float32, size=width)
+                    if hit is not None and self.cache:
+                        _FEATURE_CACHE.put(key, hit)
                 if hit is None:
                     todo.append(i)
                 else:
                     out[i] = hit
         if todo:
-            self._extract(data, todo, out)
+            if self.n_jobs in (None, 1) or len(todo) <= self.batch_size:
+                self._extract(data, todo, out)
+            else:
+                self._extract_parallel(X, todo, out)
             if keys is not None:
                 for i in todo:
-                    _FEATURE_CACHE.put(keys[i], out[i].copy())
+                    if self.cache:
+                        _FEATURE_CACHE.put(keys[i], out[i].copy())
+                    if disk is not None:
+                        disk.put_array(keys[i], out[i])
         return self._with_passthrough(out, X, self._cnn_names)
+
+    def _extract_parallel(self, X, rows: list[int], out: np.ndarray) -> None:
+        """Features of ``rows`` computed by joblib workers, a chunk of whole batches each.
+
+        Each worker gets a copy of this transformer (without the caches) and the rows of ``X``
+        (file cases are read by the worker), so ``joblib.parallel_config(backend="dask")``
+        spreads the cases over a Dask cluster.
+        """
+        from joblib import Parallel, delayed, effective_n_jobs
+
+        n_chunks = max(1, min(len(rows) // self.batch_size, 4 * effective_n_jobs(self.n_jobs)))
+        per = -(-len(rows) // n_chunks)
+        per = -(-per // self.batch_size) * self.batch_size  # whole batches: the same micro-batches
+        chunks = [rows[i : i + per] for i in range(0, len(rows), per)]
+        worker = copy.copy(self)
+        worker.cache, worker.cache_dir, worker.n_jobs, worker.verbose = False, None, None, 0
+        worker._fast = None
+        results = Parallel(n_jobs=self.n_jobs)(
+            delayed(_worker_features)(worker, _take_rows(X, chunk)) for chunk in chunks
+        )
+        for chunk, feats in zip(chunks, results):
+            out[chunk] = feats
 
     def _extract(self, data: ImageInput, rows: list[int], out: np.ndarray) -> None:
         fast = self._get_fast()
@@ -732,3 +799,22 @@ class PretrainedCNNFeatures(
         tags = super().__sklearn_tags__()
         tags.non_deterministic = False
         return tags
+
+
+def _take_rows(X, rows):
+    """Rows ``rows`` of an image array, list or frame."""
+    import pandas as pd
+
+    if isinstance(X, pd.DataFrame):
+        return X.iloc[list(rows)]
+    if isinstance(X, list | tuple):
+        return [X[i] for i in rows]
+    return np.asarray(X)[list(rows)]
+
+
+def _worker_features(est: PretrainedCNNFeatures, X) -> np.ndarray:
+    """CNN features of ``X`` (a joblib job of :meth:`PretrainedCNNFeatures._extract_parallel`)."""
+    data = est._read(X)
+    out = np.zeros((len(data), len(est._cnn_names)), dtype=np.float32)
+    est._extract(data, list(range(len(data))), out)
+    return out

@@ -27,6 +27,10 @@ classification head, and adds what transfer learning on small medical data sets 
 Images become network input through the one preprocessing path of every torch estimator
 (:class:`~skrtl._preprocess.ImagePreprocessor`). Fitting one ensemble member is the
 module-level function :func:`fit_member`.
+
+:class:`BaseFineTune` holds all of this machinery apart from the target: the classifier adds
+class labels, a cross-entropy loss and probabilities; :class:`~skrtl.FineTuneSurvival` adds
+survival targets, a Cox partial-likelihood loss and risk scores.
 """
 
 from __future__ import annotations
@@ -57,25 +61,17 @@ from ._transfer import (
     create_transfer_model,
     prefix_stages,
 )
-from .utils import (
-    THRESHOLD_METRICS,
-    check_class_labels,
-    choose_threshold,
-    derive_seed,
-    resolve_device,
-    root_seed,
-)
+from .utils import check_class_labels, derive_seed, resolve_device, root_seed
 
-__all__ = ["FineTuneClassifier", "fit_member"]
+__all__ = ["BaseFineTune", "FineTuneClassifier", "fit_member"]
 
 _STRATEGIES = ("scratch", "linear_probe", "finetune")
 
 # at most this many bytes of cached frozen-prefix activations (else caching is skipped)
 _MAX_CACHE_BYTES = 2 * 1024**3
 
-
-# test-time views of a volume (N, C, D, H, W): the flipped axes of each view (chosen on the
-# validation split of AdrenalMNIST3D, see docs/volumes_3d.md)
+# test-time views of a volume (N, C, D, H, W) for a 3-D network: the axes each view flips
+# (the volume and its mirror images along width, height and depth)
 _VOLUME_TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-3,))
 
 
@@ -89,10 +85,10 @@ class _FitPlan:
 
     pretrained: bool
     in_chans: int
-    n_classes: int
-    X_img: torch.Tensor  # network inputs of every network image
+    n_out: int  # output units of the new head (classes; 1 for a risk score)
+    X_img: torch.Tensor | None  # network inputs of every image (None: only X_prefix kept)
     owner: np.ndarray  # sample of each network image
-    y_rows: torch.Tensor  # label of each network image
+    y_rows: torch.Tensor  # target of each network image (class index, or time and event)
     weight: torch.Tensor | None  # class weights
     frozen_params: set
     frozen_modules: list
@@ -117,7 +113,7 @@ def _run_prefix(module: TransferModule, X_img, n_prefix: int, device, batch_size
 
 
 def fit_member(estimator, plan: _FitPlan, *, seed: int, train_idx, valid_idx):
-    """Fine-tune one ensemble member of ``estimator`` (a :class:`FineTuneClassifier`).
+    """Fine-tune one ensemble member of ``estimator`` (a :class:`BaseFineTune` subclass).
 
     The member starts from the pretrained weights with a new head, trains on the network
     images of the samples ``train_idx`` and stops early on those of ``valid_idx``. Every
@@ -127,7 +123,8 @@ def fit_member(estimator, plan: _FitPlan, *, seed: int, train_idx, valid_idx):
 
     Returns
     -------
-    net : skorch.NeuralNetClassifier
+    net : skorch.NeuralNet
+        The estimator's net class (``NeuralNetClassifier`` for the classifier).
     history : list of dict
     best_epoch : int or None
         Epoch restored by early stopping.
@@ -143,7 +140,7 @@ def fit_member(estimator, plan: _FitPlan, *, seed: int, train_idx, valid_idx):
             pretrained=plan.pretrained,
             weights=estimator.weights,
             in_chans=plan.in_chans,
-            n_out=plan.n_classes,
+            n_out=plan.n_out,
             drop_rate=estimator.drop_rate,
             volumetric=estimator._network_kind(),
         )
@@ -173,7 +170,7 @@ def fit_member(estimator, plan: _FitPlan, *, seed: int, train_idx, valid_idx):
     if not (plan.use_valid and estimator.early_stopping):
         best = None
     module.eval()
-    return net, estimator._history(net, plan.use_valid, plan.n_classes), best
+    return net, estimator._history(net, plan), best
 
 
 def _net_with_module_copy(net):
@@ -184,7 +181,470 @@ def _net_with_module_copy(net):
     return new
 
 
-class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEstimator):
+class BaseFineTune(BaseTorchImageEstimator):
+    """Fine-tuning machinery shared by :class:`FineTuneClassifier` and
+    :class:`~skrtl.FineTuneSurvival`; not an estimator by itself.
+
+    It builds the transfer structure (freeze depth, layer-wise learning rates, frozen-prefix
+    cache), the cross-fitted validation folds, one skorch net per ensemble member
+    (:func:`fit_member`), the histories, the torch network protocol
+    (:class:`~skrtl._base.TorchNetworkMixin`) and the test-time-augmented forward passes. A
+    subclass declares its parameters (those of :attr:`_parameter_constraints` and its own),
+    reads its target in ``fit`` and calls :meth:`_fit_networks`, and defines the hooks
+
+    ``_net_options(plan) -> (net_class, criterion, net_kwargs)``
+        The skorch net class, its loss and extra net arguments.
+    ``_validation_scoring(plan) -> (name, callback)``
+        The per-epoch validation score (a skorch ``EpochScoring``).
+    ``_validation_keys(plan) -> list of str``
+        History keys of that score (kept in ``history_`` next to ``valid_loss``).
+    ``_early_stopping_monitor() -> (key, lower_is_better)``
+        What early stopping watches.
+    ``_strata_name``
+        What the validation folds are stratified on, for messages (``"class"``).
+    """
+
+    _strata_name = "class"
+
+    _parameter_constraints: dict = {
+        **BaseTorchImageEstimator._parameter_constraints,
+        "strategy": [StrOptions(set(_STRATEGIES))],
+        "freeze_depth": [Interval(Integral, 0, None, closed="left"), StrOptions({"auto"})],
+        "gamma": [Interval(Real, 0, 1, closed="right")],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "max_epochs": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 2, None, closed="left")],
+        "augment": ["boolean"],
+        "early_stopping": ["boolean"],
+        "patience": [Interval(Integral, 1, None, closed="left")],
+        "validation_fraction": [Interval(Real, 0, 0.5, closed="right"), None],
+        "lr_schedule": [StrOptions({"cosine", "constant"})],
+        "drop_rate": [Interval(Real, 0, 1, closed="left"), None],
+        "callbacks": [list, tuple, None],
+        "batch_size_predict": [Interval(Integral, 1, None, closed="left"), None],
+        "n_estimators": [Interval(Integral, 1, None, closed="left")],
+        "tta": ["boolean"],
+        "random_state": ["random_state"],
+    }
+
+    # ----------------------------------------------------------------------------------------
+    # preprocessing
+    # ----------------------------------------------------------------------------------------
+    def _bs_pred(self) -> int:
+        return int(self.batch_size_predict or 2 * self.batch_size)
+
+    def _network_inputs(self, data) -> tuple[torch.Tensor, np.ndarray]:
+        """Network input tensor of every network image of ``data`` and the owning sample."""
+        xs, owners = [], []
+        for x, _, owner in self.preprocessor_.iter_batches(data, range(len(data)), 256):
+            xs.append(x)
+            owners.append(owner)
+        return torch.cat(xs), np.concatenate(owners)
+
+    # ----------------------------------------------------------------------------------------
+    def _resolve_structure(self, model, n_train, n_groups):
+        layers = get_transfer_layers(model)
+        L = len(layers)
+        if self.strategy == "scratch":
+            k, gamma = 0, 1.0
+        elif self.strategy == "linear_probe":
+            k, gamma = L - 1, 1.0
+        else:
+            gamma = float(self.gamma)
+            if self.freeze_depth == "auto":
+                from ._advisor import suggest_strategy
+
+                advice = suggest_strategy(max(1, n_train), n_classes=n_groups, n_layers=L)
+                k = int(advice.freeze_depth)
+            else:
+                k = int(self.freeze_depth)
+                if k > L - 1:
+                    raise ValueError(
+                        f"freeze_depth={self.freeze_depth!r} is too deep: {self.backbone!r} "
+                        f"with its classifier has L={L} transfer layers, so freeze_depth must "
+                        f"be in [0, {L - 1}] (use strategy='linear_probe' to train only the "
+                        "head)."
+                    )
+        return layers, L, k, gamma
+
+    def _plan(self, data, targets, *, n_out, weight, seed, windows, size, n_train) -> _FitPlan:
+        """Network structure, preprocessing and (pretrained) prefix cache shared by members.
+
+        ``targets`` holds one row per sample; each network image gets its sample's row.
+        """
+        in_chans = self._network_in_chans(self._intensity_channels(windows, data))
+        pretrained = bool(self.pretrained) and self.strategy != "scratch"
+        devices = [torch.device(self.device_).index or 0] if "cuda" in self.device_ else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(derive_seed(seed, "structure"))
+            model = create_transfer_model(
+                self.backbone,
+                pretrained=pretrained,
+                weights=self.weights,
+                in_chans=in_chans,
+                n_out=n_out,
+                drop_rate=self.drop_rate,
+                volumetric=self._network_kind(),
+            )
+        cfg = backbone_data_config(model)
+        self._check_min_size(size, cfg["min_size"])
+        self.preprocessor_ = self._make_preprocessor(
+            size=size, windows=windows, in_chans=in_chans, mean=cfg["mean"], std=cfg["std"]
+        )
+        self.input_config_ = {
+            "in_chans": in_chans,
+            "mean": self.preprocessor_.mean,
+            "std": self.preprocessor_.std,
+            "input_size": tuple(size),
+        }
+        # a one-output (risk) head counts as two groups (events, censored) for the advisor
+        layers, L, k, gamma = self._resolve_structure(model, n_train, max(2, n_out))
+        layer_of = {f"model.{p}": layer.index for layer in layers for p in layer.param_names}
+        self.n_layers_ = L
+        self.layer_names_ = [layer.name for layer in layers]
+        self.freeze_depth_ = k
+        lr_of_layer = {
+            layer.index: float(self.lr) * gamma ** (L - layer.index) for layer in layers
+        }
+        self.layer_lrs_ = {l: v for l, v in lr_of_layer.items() if l > k}
+        frozen_params = {p for layer in layers[:k] for p in layer.param_names}
+        # the frozen prefix is the same pretrained network for every member: computed once
+        # (with random weights, pretrained=False, each member computes its own); the volumes
+        # of a 3-D network are large, so their prefix is computed while they are preprocessed
+        # and only its output is kept
+        if self._volumetric and pretrained and not self.augment and k >= 1:
+            X_img, owner, n_prefix, X_prefix = self._stream_prefix(
+                data, model, k, layer_of, frozen_params
+            )
+        else:
+            X_img, owner = self._network_inputs(data)
+            n_prefix, X_prefix = self._prefix(X_img, model, k, layer_of, frozen_params, pretrained)
+        self.cached_prefix_ = n_prefix
+        return _FitPlan(
+            pretrained=pretrained,
+            in_chans=in_chans,
+            n_out=n_out,
+            X_img=X_img,
+            owner=owner,
+            y_rows=targets[torch.as_tensor(owner)],
+            weight=weight,
+            frozen_params=frozen_params,
+            frozen_modules=[f"model.{m}" for layer in layers[:k] for m in layer.module_names],
+            layer_of=layer_of,
+            lr_of_layer=lr_of_layer,
+            layer_names={layer.index: layer.name for layer in layers},
+            n_prefix=n_prefix,
+            X_prefix=X_prefix,
+            use_valid=False,
+            devices=devices,
+        )
+
+    def _prefix(self, X_img, model, k, layer_of, frozen_params, pretrained):
+        """``(n_prefix, X_prefix)``: the cached frozen prefix of the network inputs."""
+        n_prefix, X_prefix = 0, None
+        if not self.augment and k >= 1:
+            module = self._prefix_module(model, frozen_params)
+            probe = X_img[: min(2, len(X_img))].to(self.device_)
+            n_prefix = self._cacheable_stages(module, k, layer_of, probe, len(X_img))
+            if n_prefix and pretrained:
+                X_prefix = _run_prefix(module, X_img, n_prefix, self.device_, self._bs_pred())
+        return n_prefix, X_prefix
+
+    def _stream_prefix(self, data, model, k, layer_of, frozen_params):
+        """``(X_img or None, owner, n_prefix, X_prefix)``, the prefix computed batch by batch.
+
+        The network inputs are not kept when the prefix is cached (only its outputs are).
+        """
+        module = self._prefix_module(model, frozen_params)
+        batches = self.preprocessor_.iter_batches(data, range(len(data)), self._bs_pred())
+        first = next(batches)
+        x0 = first[0].to(self.device_)
+        n_prefix = self._cacheable_stages(module, k, layer_of, x0[:2], len(data))
+        xs, owners = [], []
+        for x, _, owner in itertools.chain([first], batches):
+            if n_prefix:
+                with torch.no_grad():
+                    x = module.forward_stages(x.to(self.device_), 0, n_prefix).cpu()
+            xs.append(x)
+            owners.append(owner)
+        X, owner = torch.cat(xs), np.concatenate(owners)
+        return (None, owner, n_prefix, X) if n_prefix else (X, owner, 0, None)
+
+    def _prefix_module(self, model, frozen_params) -> TransferModule:
+        module = TransferModule(model).to(self.device_)
+        for pname, p in model.named_parameters():
+            p.requires_grad_(pname not in frozen_params)
+        return module.eval()
+
+    def _cacheable_stages(self, module, k, layer_of, probe, n_rows) -> int:
+        """Stages of the frozen prefix whose output fits the cache for ``n_rows`` inputs."""
+        n_prefix = prefix_stages(module, k, layer_of, probe)
+        if n_prefix:
+            with torch.no_grad():
+                h0 = module.forward_stages(probe[:1], 0, n_prefix)
+            if h0.numel() * 4 * n_rows > _MAX_CACHE_BYTES:
+                n_prefix = 0
+        return n_prefix
+
+    def _network_kind(self) -> str | None:
+        """The 3-D conversion of the network (None: the 2-D network)."""
+        return self.volumetric if self._volumetric else None
+
+    # ----------------------------------------------------------------------------------------
+    def _fit_networks(self, data, targets, strata, *, n_out, weight, seed, size, windows):
+        """Fine-tune the ``n_estimators`` members and set the fitted-network attributes.
+
+        ``targets`` (one row per sample) becomes the skorch target of the sample's network
+        images; ``strata`` (one label per sample) stratifies the validation folds.
+        """
+        self.device_ = str(resolve_device(self.device))
+        n_members = int(self.n_estimators)
+        splits = self._validation_splits(strata, seed, n_members)
+        use_valid = splits is not None
+        if splits is None:
+            splits = [(np.arange(len(data)), np.array([], dtype=int))] * n_members
+        plan = self._plan(
+            data,
+            targets,
+            n_out=n_out,
+            weight=weight,
+            seed=seed,
+            windows=windows,
+            size=size,
+            n_train=int(splits[0][0].size),
+        )
+        plan.use_valid = use_valid
+        nets, histories, best_epochs = [], [], []
+        for member, (tr_idx, va_idx) in enumerate(splits):
+            net, history, best = fit_member(
+                self,
+                plan,
+                seed=derive_seed(seed, "member", member),
+                train_idx=tr_idx,
+                valid_idx=va_idx,
+            )
+            nets.append(net)
+            histories.append(history)
+            best_epochs.append(best)
+        self.nets_ = nets
+        self.net_ = nets[0]
+        self.histories_ = histories
+        self.history_ = histories[0]
+        self.best_epochs_ = best_epochs
+        self.best_epoch_ = best_epochs[0]
+        return plan
+
+    def _validation_splits(self, strata, seed, n_members):
+        """``[(train_idx, valid_idx)] * n_members`` or None (no validation split possible).
+
+        One member: a split of ``validation_fraction`` stratified on ``strata``. Several
+        members: a stratified K-fold with ``K = max(n_members, round(1 / validation_fraction))``
+        whose first ``n_members`` folds are the members' validation sets (a cross-fitted
+        ensemble: every image trains most members and no validation set overlaps another);
+        when a stratum has fewer than ``K`` samples, independent stratified splits per member
+        instead.
+        """
+        if self.validation_fraction is None:
+            return None
+        n = len(strata)
+        counts = np.unique(strata, return_counts=True)[1]
+        n_groups = counts.size
+        n_val = max(n_groups, int(round(self.validation_fraction * n)))
+        if counts.min() < 2 or n - n_val < n_groups:
+            warnings.warn(
+                f"{type(self).__name__}: too few samples per {self._strata_name} "
+                f"({counts.tolist()}) for a stratified validation split of validation_fraction="
+                f"{self.validation_fraction!r}; training without validation and early "
+                "stopping.",
+                UserWarning,
+                stacklevel=4,
+            )
+            return None
+        idx_all = np.arange(n)
+        n_folds = max(n_members, int(round(1.0 / self.validation_fraction)))
+        if n_members > 1 and counts.min() >= n_folds:
+            folds = StratifiedKFold(
+                n_folds, shuffle=True, random_state=derive_seed(seed, "validation folds")
+            )
+            splits = list(folds.split(idx_all, strata))[:n_members]
+        else:  # one member, or too few samples per stratum for disjoint folds: random splits
+            splits = [
+                train_test_split(
+                    idx_all,
+                    test_size=n_val,
+                    stratify=strata,
+                    random_state=derive_seed(seed, "validation split", member),
+                )
+                for member in range(n_members)
+            ]
+        return [(np.sort(tr), np.sort(va)) for tr, va in splits]
+
+    def _make_net(self, module, ds_valid, plan: _FitPlan, *, n_rows_train):
+        """The skorch net of one member (callbacks, layer-wise optimizer, data loaders)."""
+        from skorch.callbacks import EarlyStopping, LRScheduler
+        from skorch.helper import predefined_split
+
+        use_valid = ds_valid is not None
+        cbs = [("skrtl_freeze_bn", FreezeBatchNorm(plan.frozen_modules))]
+        if use_valid:
+            cbs.append(self._validation_scoring(plan))
+        if self.lr_schedule == "cosine":
+            cbs.append(
+                ("lr_scheduler", LRScheduler(policy="CosineAnnealingLR", T_max=self.max_epochs))
+            )
+        if use_valid and self.early_stopping:
+            monitor, lower_is_better = self._early_stopping_monitor()
+            cbs.append(
+                (
+                    "early_stopping",
+                    EarlyStopping(
+                        monitor=monitor,
+                        lower_is_better=lower_is_better,
+                        patience=self.patience,
+                        load_best=True,
+                        sink=print if self.verbose else _silent,
+                    ),
+                )
+            )
+        for i, cb in enumerate(self.callbacks or []):
+            cbs.append(cb if isinstance(cb, tuple | list) else (f"user_{i}", cb))
+        # BatchNorm cannot train on a last batch of one sample
+        drop_last = n_rows_train > self.batch_size and n_rows_train % self.batch_size == 1
+        names = [pn for pn, _ in module.named_parameters()]
+        optimizer = LayerwiseOptimizer(
+            names, plan.layer_of, plan.lr_of_layer, plan.layer_names, float(self.weight_decay)
+        )
+        net_class, criterion, net_kwargs = self._net_options(plan)
+        if self.augment:
+            net_kwargs["iterator_train__collate_fn"] = AugmentCollate()
+        return net_class(
+            module,
+            criterion=criterion,
+            optimizer=optimizer,
+            lr=float(self.lr),
+            max_epochs=int(self.max_epochs),
+            batch_size=int(self.batch_size),
+            iterator_train__shuffle=True,
+            iterator_train__drop_last=drop_last,
+            iterator_valid__batch_size=self._bs_pred(),
+            train_split=predefined_split(ds_valid) if use_valid else None,
+            callbacks=cbs,
+            device=self.device_,
+            verbose=int(self.verbose),
+            **net_kwargs,
+        )
+
+    def _history(self, net, plan: _FitPlan):
+        keys = ["epoch", "train_loss", "dur"]
+        if plan.use_valid:
+            keys += ["valid_loss", *self._validation_keys(plan)]
+        rows = []
+        for h in net.history:
+            row = {key: h[key] for key in keys if key in h}
+            row = {key: (int(v) if key == "epoch" else float(v)) for key, v in row.items()}
+            if "event_lr" in h:
+                row["lr"] = float(h["event_lr"])
+            rows.append(row)
+        return rows
+
+    # ----------------------------------------------------------------------------------------
+    # the torch network protocol (skrtl._base.TorchNetworkMixin) and prediction
+    # ----------------------------------------------------------------------------------------
+    def _skrtl_torch_module(self) -> nn.Module:
+        check_is_fitted(self, "net_")
+        if len(self.nets_) == 1:
+            return self.net_.module_
+        return EnsembleModule([net.module_ for net in self.nets_])
+
+    def _skrtl_iter_inputs(self, X, batch_size=None):
+        """Yield ``(x, idx)``: network input batches and the sample index of each row."""
+        check_is_fitted(self, "net_")
+        data = self._read(X)
+        bs = int(batch_size or self._bs_pred())
+        dev = self._module_device()
+        for x, _, owners in self.preprocessor_.iter_batches(data, range(len(data)), bs):
+            yield x.to(dev), owners
+
+    def _skrtl_network_copy(self):
+        """A copy of this fitted estimator whose nets own private copies of their modules."""
+        check_is_fitted(self, "net_")
+        new = copy.copy(self)
+        new.nets_ = [_net_with_module_copy(net) for net in self.nets_]
+        new.net_ = new.nets_[0]
+        return new
+
+    def _module_device(self):
+        for p in self.net_.module_.parameters():
+            return p.device
+        return torch.device("cpu")  # pragma: no cover
+
+    def _member_outputs(self, X, output) -> np.ndarray:
+        """``output(logits)`` of every member for the images ``X`` (see :meth:`_forward_members`).
+
+        Returns
+        -------
+        ndarray of shape (n_members, n_samples, n_outputs)
+        """
+        check_is_fitted(self, "net_")
+        data = self._read(X)
+        return self._forward_members(self._input_batches(data), len(data), output)
+
+    def _input_batches(self, data):
+        """Yield ``(x, owner)`` network input batches of every sample of ``data``."""
+        bs = self._bs_pred()
+        for x, _, owner in self.preprocessor_.iter_batches(data, range(len(data)), bs):
+            yield x, owner
+
+    def _fit_outputs(self, plan: _FitPlan, data, output) -> np.ndarray:
+        """:meth:`_forward_members` on the training images (their inputs kept by ``plan``)."""
+        if plan.X_img is None:
+            return self._forward_members(self._input_batches(data), len(data), output)
+        bs = self._bs_pred()
+        batches = (
+            (plan.X_img[i : i + bs], plan.owner[i : i + bs]) for i in range(0, len(plan.owner), bs)
+        )
+        return self._forward_members(batches, len(data), output)
+
+    def _tta_flips(self) -> tuple[tuple[int, ...], ...]:
+        """Axes flipped by each test-time view (``()``: the input itself)."""
+        if not self.tta:
+            return ((),)
+        if self.preprocessor_.is_volumetric:
+            return _VOLUME_TTA_FLIPS
+        return ((), (-1,))
+
+    def _forward_members(self, batches, n: int, output) -> np.ndarray:
+        """``output(logits)`` of every member, averaged per sample over views and images.
+
+        ``batches`` yields ``(x, owner)``: network inputs and the sample of each row (one
+        batch of inputs is held at a time). The views are the image and, with ``tta``, its
+        mirror image (a volume of a 3-D network: its mirror images along the three axes);
+        the images of a sample are its slices (slice-wise ``mode="3d"``) or the image itself.
+
+        Returns
+        -------
+        ndarray of shape (n_members, n, n_outputs)
+        """
+        dev = self._module_device()
+        flips = self._tta_flips()
+        sums: list = [None] * len(self.nets_)
+        counts = np.zeros(n)
+        with torch.no_grad():
+            for x, idx in batches:
+                xb = x.to(dev)
+                for dims in flips:
+                    xv = xb.flip(dims) if dims else xb
+                    for m, net in enumerate(self.nets_):
+                        out = output(_eval_forward(net.module_, xv).float()).cpu().numpy()
+                        if sums[m] is None:
+                            sums[m] = np.zeros((n, out.shape[1]))
+                        np.add.at(sums[m], idx, out)
+                    np.add.at(counts, idx, 1)
+        return np.stack([s_ / counts[:, None] for s_ in sums])
+
+
+class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
     """Fine-tune a pretrained CNN on images (scratch, linear probe or layer-wise fine-tuning).
 
     Parameters
@@ -217,9 +677,8 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
     batch_size : int, default=32
     input_size : int, (int, int), (int, int, int) or "auto", default="auto"
         Images are resized (bilinear, antialiased) to this size (height, width); volumes of a
-        volumetric network to (depth, height, width) (an int: a cube), trilinearly.
-        ``"auto"``: 96 for images and 2-D network slices, 64 (a 64^3 cube) for volumetric
-        networks.
+        3-D network to (depth, height, width) (an int: a cube). ``"auto"``: 96 for images and
+        2-D network slices, 64 (a 64^3 cube) for the volumes of a 3-D network.
     mode : {"2d", "2.5d", "3d"}, default="2d"
         Input kind. ``"2.5d"``: planes through the lesion centre (or the volume centre) as
         the channels, see ``slices``. ``"3d"``: volumes, run as set by ``volumetric``.
@@ -230,7 +689,8 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         ``"acs"`` / ``"inflate"``: the whole volume goes through a 3-D network made from the
         pretrained 2-D one (:func:`skrtl.convert_to_3d`: ACS convolutions, or I3D-inflated
         kernels). Its transfer layers are the 2-D network's, so ``freeze_depth``, ``gamma``,
-        the prefix cache, the ensemble and AdaBN work as in 2-D. See ``docs/volumes_3d.md``.
+        the prefix cache, the ensemble, TTA and AdaBN work as in 2-D (see
+        ``docs/finetune.md``).
     slices : {"orthogonal", "adjacent"}, default="orthogonal"
         2.5-D planes: the three orthogonal planes, or ``n_slices`` adjacent axial slices.
     n_slices : int, default=3
@@ -246,8 +706,8 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         Clip range of ``intensity="percentile"``.
     augment : bool, default=False
         Light augmentation of training batches (horizontal flip, rotation up to 10 degrees,
-        shift up to 5 %, contrast / brightness jitter; for volumes the in-plane rotation and
-        a shift along every axis); never applied at predict time.
+        shift up to 5 %, contrast / brightness jitter; for volumes the rotation is in the
+        axial plane and the shift along every axis); never applied at predict time.
         Without augmentation, frozen layers are computed once per image (frozen-prefix
         caching), which makes epochs much cheaper.
     class_weight : "balanced", dict or None, default=None
@@ -282,18 +742,9 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         hyper-parameter searches.
     tta : bool, default=True
         Test-time augmentation: average the predictions on each image and on its horizontal
-        mirror image (the mirror is also one of the training augmentations); volumes of a
-        volumetric network: on the volume and its mirror images along the width, height and
-        depth axes (the flips were chosen on validation data, see ``docs/volumes_3d.md``). Set
-        it to ``False`` when left and right carry meaning for the label.
-    threshold : float, {"accuracy", "balanced_accuracy", "f1"} or None, default=None
-        Decision threshold of :meth:`predict` for two classes: the positive class (``classes_
-        [1]``) is predicted when its probability is at least the threshold. ``None``: the most
-        probable class (a threshold of 0.5). A float: that threshold. A metric name: the
-        threshold that maximises the metric on the out-of-fold validation predictions of the
-        ensemble (each member predicts the validation rows it did not train on; needs
-        ``validation_fraction``). With imbalanced classes the accuracy-optimal threshold of
-        a fine-tuned network is often not 0.5. ``predict_proba`` is never changed.
+        mirror image (the mirror is also one of the training augmentations); for the volumes
+        of a 3-D network, on the volume and its mirror images along the width, height and
+        depth axes. Set it to ``False`` when left and right carry meaning for the label.
     device : str, default="auto"
         ``"auto"``: CUDA when available, else CPU.
     random_state : int, RandomState instance or None, default=None
@@ -330,8 +781,6 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         ``best_epoch_`` of every member.
     cached_prefix_ : int
         Number of network stages whose output was cached (0 = no caching).
-    threshold_ : float or None
-        Decision threshold used by :meth:`predict` (``None``: the most probable class).
     input_config_ : dict
         Channels, mean, std and input size used to build network inputs.
     preprocessor_ : ImagePreprocessor
@@ -363,31 +812,8 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
     _AUTO_INPUT_SIZE = 96
 
     _parameter_constraints: dict = {
-        **BaseTorchImageEstimator._parameter_constraints,
-        "strategy": [StrOptions(set(_STRATEGIES))],
-        "freeze_depth": [Interval(Integral, 0, None, closed="left"), StrOptions({"auto"})],
-        "gamma": [Interval(Real, 0, 1, closed="right")],
-        "lr": [Interval(Real, 0, None, closed="neither")],
-        "weight_decay": [Interval(Real, 0, None, closed="left")],
-        "max_epochs": [Interval(Integral, 1, None, closed="left")],
-        "batch_size": [Interval(Integral, 2, None, closed="left")],
-        "augment": ["boolean"],
+        **BaseFineTune._parameter_constraints,
         "class_weight": [StrOptions({"balanced"}), dict, None],
-        "early_stopping": ["boolean"],
-        "patience": [Interval(Integral, 1, None, closed="left")],
-        "validation_fraction": [Interval(Real, 0, 0.5, closed="right"), None],
-        "lr_schedule": [StrOptions({"cosine", "constant"})],
-        "drop_rate": [Interval(Real, 0, 1, closed="left"), None],
-        "callbacks": [list, tuple, None],
-        "batch_size_predict": [Interval(Integral, 1, None, closed="left"), None],
-        "n_estimators": [Interval(Integral, 1, None, closed="left")],
-        "tta": ["boolean"],
-        "threshold": [
-            Interval(Real, 0, 1, closed="neither"),
-            StrOptions(set(THRESHOLD_METRICS)),
-            None,
-        ],
-        "random_state": ["random_state"],
     }
 
     def __init__(
@@ -422,7 +848,6 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         batch_size_predict=None,
         n_estimators=5,
         tta=True,
-        threshold=None,
         device="auto",
         random_state=None,
         verbose=0,
@@ -456,52 +881,9 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         self.batch_size_predict = batch_size_predict
         self.n_estimators = n_estimators
         self.tta = tta
-        self.threshold = threshold
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
-
-    # ----------------------------------------------------------------------------------------
-    # preprocessing
-    # ----------------------------------------------------------------------------------------
-    def _bs_pred(self) -> int:
-        return int(self.batch_size_predict or 2 * self.batch_size)
-
-    def _network_inputs(self, data) -> tuple[torch.Tensor, np.ndarray]:
-        """Network input tensor of every network image of ``data`` and the owning sample."""
-        xs, owners = [], []
-        for x, _, owner in self.preprocessor_.iter_batches(data, range(len(data)), 256):
-            xs.append(x)
-            owners.append(owner)
-        return torch.cat(xs), np.concatenate(owners)
-
-    # ----------------------------------------------------------------------------------------
-    def _resolve_structure(self, model, n_train):
-        layers = get_transfer_layers(model)
-        L = len(layers)
-        if self.strategy == "scratch":
-            k, gamma = 0, 1.0
-        elif self.strategy == "linear_probe":
-            k, gamma = L - 1, 1.0
-        else:
-            gamma = float(self.gamma)
-            if self.freeze_depth == "auto":
-                from ._advisor import suggest_strategy
-
-                advice = suggest_strategy(
-                    max(1, n_train), n_classes=len(self.classes_), n_layers=L
-                )
-                k = int(advice.freeze_depth)
-            else:
-                k = int(self.freeze_depth)
-                if k > L - 1:
-                    raise ValueError(
-                        f"freeze_depth={self.freeze_depth!r} is too deep: {self.backbone!r} "
-                        f"with its classifier has L={L} transfer layers, so freeze_depth must "
-                        f"be in [0, {L - 1}] (use strategy='linear_probe' to train only the "
-                        "head)."
-                    )
-        return layers, L, k, gamma
 
     def _check_y(self, y):
         y = check_class_labels(y, estimator_name=type(self).__name__)
@@ -512,126 +894,6 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
                 f"({classes!r})."
             )
         return classes, y_enc
-
-    def _plan(self, data, y_enc, y, *, seed, windows, size, n_train) -> _FitPlan:
-        """Network structure, preprocessing and (pretrained) prefix cache shared by members."""
-        n_classes = len(self.classes_)
-        in_chans = self._network_in_chans(self._intensity_channels(windows, data))
-        pretrained = bool(self.pretrained) and self.strategy != "scratch"
-        devices = [torch.device(self.device_).index or 0] if "cuda" in self.device_ else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(derive_seed(seed, "structure"))
-            model = create_transfer_model(
-                self.backbone,
-                pretrained=pretrained,
-                weights=self.weights,
-                in_chans=in_chans,
-                n_out=n_classes,
-                drop_rate=self.drop_rate,
-                volumetric=self._network_kind(),
-            )
-        cfg = backbone_data_config(model)
-        self._check_min_size(size, cfg["min_size"])
-        self.preprocessor_ = self._make_preprocessor(
-            size=size, windows=windows, in_chans=in_chans, mean=cfg["mean"], std=cfg["std"]
-        )
-        self.input_config_ = {
-            "in_chans": in_chans,
-            "mean": self.preprocessor_.mean,
-            "std": self.preprocessor_.std,
-            "input_size": tuple(size),
-        }
-        layers, L, k, gamma = self._resolve_structure(model, n_train)
-        layer_of = {f"model.{p}": layer.index for layer in layers for p in layer.param_names}
-        self.n_layers_ = L
-        self.layer_names_ = [layer.name for layer in layers]
-        self.freeze_depth_ = k
-        lr_of_layer = {
-            layer.index: float(self.lr) * gamma ** (L - layer.index) for layer in layers
-        }
-        self.layer_lrs_ = {l: v for l, v in lr_of_layer.items() if l > k}
-        frozen_params = {p for layer in layers[:k] for p in layer.param_names}
-        # the frozen prefix is the same pretrained network for every member: computed once
-        # (with random weights, pretrained=False, each member computes its own); volumes of a
-        # 3-D network are large, so their prefix is computed while they are preprocessed
-        if self._volumetric and pretrained and not self.augment and k >= 1:
-            X_img, owner, n_prefix, X_prefix = self._stream_prefix(
-                data, model, k, layer_of, frozen_params
-            )
-        else:
-            X_img, owner = self._network_inputs(data)
-            n_prefix, X_prefix = self._prefix(X_img, model, k, layer_of, frozen_params, pretrained)
-        self.cached_prefix_ = n_prefix
-        return _FitPlan(
-            pretrained=pretrained,
-            in_chans=in_chans,
-            n_classes=n_classes,
-            X_img=X_img,
-            owner=owner,
-            y_rows=torch.as_tensor(y_enc[owner], dtype=torch.int64),
-            weight=self._class_weight_tensor(y),
-            frozen_params=frozen_params,
-            frozen_modules=[f"model.{m}" for layer in layers[:k] for m in layer.module_names],
-            layer_of=layer_of,
-            lr_of_layer=lr_of_layer,
-            layer_names={layer.index: layer.name for layer in layers},
-            n_prefix=n_prefix,
-            X_prefix=X_prefix,
-            use_valid=False,
-            devices=devices,
-        )
-
-    def _prefix(self, X_img, model, k, layer_of, frozen_params, pretrained):
-        """``(n_prefix, X_prefix)``: the cached frozen prefix of the network inputs."""
-        n_prefix, X_prefix = 0, None
-        if not self.augment and k >= 1:
-            module = TransferModule(model).to(self.device_)
-            for pname, p in model.named_parameters():
-                p.requires_grad_(pname not in frozen_params)
-            module.eval()
-            probe = X_img[: min(2, len(X_img))].to(self.device_)
-            n_prefix = prefix_stages(module, k, layer_of, probe)
-            if n_prefix:
-                with torch.no_grad():
-                    h0 = module.forward_stages(X_img[:1].to(self.device_), 0, n_prefix)
-                if h0.numel() * 4 * len(X_img) > _MAX_CACHE_BYTES:
-                    n_prefix = 0
-            if n_prefix and pretrained:
-                X_prefix = _run_prefix(module, X_img, n_prefix, self.device_, self._bs_pred())
-        return n_prefix, X_prefix
-
-    def _stream_prefix(self, data, model, k, layer_of, frozen_params):
-        """``(X_img or None, owner, n_prefix, X_prefix)``, the prefix computed batch by batch.
-
-        The network inputs are not kept when the prefix is cached (only its outputs are).
-        """
-        module = TransferModule(model).to(self.device_)
-        for pname, p in model.named_parameters():
-            p.requires_grad_(pname not in frozen_params)
-        module.eval()
-        batches = self.preprocessor_.iter_batches(data, range(len(data)), self._bs_pred())
-        first = next(batches)
-        x0 = first[0].to(self.device_)
-        n_prefix = prefix_stages(module, k, layer_of, x0[:2])
-        if n_prefix:
-            with torch.no_grad():
-                h0 = module.forward_stages(x0[:1], 0, n_prefix)
-            if h0.numel() * 4 * len(data) > _MAX_CACHE_BYTES:
-                n_prefix = 0
-        xs, owners = [], []
-        for x, _, owner in itertools.chain([first], batches):
-            if n_prefix:
-                with torch.no_grad():
-                    x = module.forward_stages(x.to(self.device_), 0, n_prefix).cpu()
-            xs.append(x)
-            owners.append(owner)
-        X = torch.cat(xs)
-        owner = np.concatenate(owners)
-        return (None, owner, n_prefix, X) if n_prefix else (X, owner, 0, None)
-
-    def _network_kind(self) -> str | None:
-        """The 3-D conversion of the network (None: the 2-D network)."""
-        return self.volumetric if self._volumetric else None
 
     # ----------------------------------------------------------------------------------------
     @_fit_context(prefer_skip_nested_validation=True)
@@ -657,115 +919,17 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         if y_arr.shape[0] != n:
             raise ValueError(f"X has {n} samples but y has {y_arr.shape[0]}.")
         self.classes_, y_enc = self._check_y(y)
-        n_classes = len(self.classes_)
-        seed = root_seed(self.random_state)
-        self.device_ = str(resolve_device(self.device))
-        n_members = int(self.n_estimators)
-        splits = self._validation_splits(y_enc, n_classes, seed, n_members)
-        use_valid = splits is not None
-        if splits is None:
-            splits = [(np.arange(n), np.array([], dtype=int))] * n_members
-        plan = self._plan(
-            data, y_enc, y, seed=seed, windows=windows, size=size, n_train=int(splits[0][0].size)
+        self._fit_networks(
+            data,
+            torch.as_tensor(y_enc, dtype=torch.int64),
+            y_enc,
+            n_out=len(self.classes_),
+            weight=self._class_weight_tensor(y),
+            seed=root_seed(self.random_state),
+            size=size,
+            windows=windows,
         )
-        plan.use_valid = use_valid
-        nets, histories, best_epochs = [], [], []
-        for member, (tr_idx, va_idx) in enumerate(splits):
-            net, history, best = fit_member(
-                self,
-                plan,
-                seed=derive_seed(seed, "member", member),
-                train_idx=tr_idx,
-                valid_idx=va_idx,
-            )
-            nets.append(net)
-            histories.append(history)
-            best_epochs.append(best)
-        self.nets_ = nets
-        self.net_ = nets[0]
-        self.histories_ = histories
-        self.history_ = histories[0]
-        self.best_epochs_ = best_epochs
-        self.best_epoch_ = best_epochs[0]
-        self.threshold_ = self._fit_threshold(data, y_enc, splits if use_valid else None)
         return self
-
-    def _fit_threshold(self, data, y_enc, splits) -> float | None:
-        """The decision threshold of ``predict`` (None: the most probable class).
-
-        A metric name chooses it on the out-of-fold validation predictions: each member
-        predicts its own validation rows (which it did not train on).
-        """
-        t = self.threshold
-        if t is None:
-            return None
-        if len(self.classes_) != 2:
-            raise ValueError(
-                f"threshold={t!r} applies to binary problems; y has {len(self.classes_)} "
-                "classes. Use threshold=None (the most probable class)."
-            )
-        if not isinstance(t, str):
-            if not 0.0 < float(t) < 1.0:
-                raise ValueError(f"threshold must be in (0, 1), got {t!r}.")
-            return float(t)
-        if splits is None:
-            warnings.warn(
-                f"{type(self).__name__}(threshold={t!r}) chooses the threshold on the "
-                "validation split, but there is none (validation_fraction=None or too few "
-                "samples); using 0.5.",
-                UserWarning,
-                stacklevel=3,
-            )
-            return 0.5
-        rows, proba = [], []
-        for net, (_, va_idx) in zip(self.nets_, splits):
-            rows.append(va_idx)
-            proba.append(self._proba_of(data, va_idx, [net])[:, 1])
-        rows, proba = np.concatenate(rows), np.concatenate(proba)
-        return choose_threshold(y_enc[rows], proba, metric=t)
-
-    def _validation_splits(self, y_enc, n_classes, seed, n_members):
-        """``[(train_idx, valid_idx)] * n_members`` or None (no validation split possible).
-
-        One member: a stratified split of ``validation_fraction``. Several members: a
-        stratified K-fold with ``K = max(n_members, round(1 / validation_fraction))`` whose
-        first ``n_members`` folds are the members' validation sets (a cross-fitted ensemble:
-        every image trains most members and no validation set overlaps another); when a class
-        has fewer than ``K`` samples, independent stratified splits per member instead.
-        """
-        if self.validation_fraction is None:
-            return None
-        n = len(y_enc)
-        counts = np.bincount(y_enc, minlength=n_classes)
-        n_val = max(n_classes, int(round(self.validation_fraction * n)))
-        if counts.min() < 2 or n - n_val < n_classes:
-            warnings.warn(
-                f"{type(self).__name__}: too few samples per class ({counts.tolist()}) for "
-                f"a stratified validation split of validation_fraction="
-                f"{self.validation_fraction!r}; training without validation and early "
-                "stopping.",
-                UserWarning,
-                stacklevel=3,
-            )
-            return None
-        idx_all = np.arange(n)
-        n_folds = max(n_members, int(round(1.0 / self.validation_fraction)))
-        if n_members > 1 and counts.min() >= n_folds:
-            folds = StratifiedKFold(
-                n_folds, shuffle=True, random_state=derive_seed(seed, "validation folds")
-            )
-            splits = list(folds.split(idx_all, y_enc))[:n_members]
-        else:  # one member, or too few samples per class for disjoint folds: random splits
-            splits = [
-                train_test_split(
-                    idx_all,
-                    test_size=n_val,
-                    stratify=y_enc,
-                    random_state=derive_seed(seed, "validation split", member),
-                )
-                for member in range(n_members)
-            ]
-        return [(np.sort(tr), np.sort(va)) for tr, va in splits]
 
     def _class_weight_tensor(self, y):
         if self.class_weight is None:
@@ -781,111 +945,29 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         weight = compute_class_weight(cw, classes=self.classes_, y=np.asarray(y))
         return torch.as_tensor(weight, dtype=torch.float32)
 
-    def _make_net(self, module, ds_valid, plan: _FitPlan, *, n_rows_train):
-        """The skorch net of one member (callbacks, layer-wise optimizer, data loaders)."""
+    # hooks of BaseFineTune
+    def _net_options(self, plan: _FitPlan):
         from skorch import NeuralNetClassifier
-        from skorch.callbacks import EarlyStopping, LRScheduler
-        from skorch.helper import predefined_split
 
-        use_valid = ds_valid is not None
-        cbs = [("skrtl_freeze_bn", FreezeBatchNorm(plan.frozen_modules))]
-        if use_valid:
-            cbs.append(validation_scoring(plan.n_classes))
-        if self.lr_schedule == "cosine":
-            cbs.append(
-                ("lr_scheduler", LRScheduler(policy="CosineAnnealingLR", T_max=self.max_epochs))
-            )
-        if use_valid and self.early_stopping:
-            cbs.append(
-                (
-                    "early_stopping",
-                    EarlyStopping(
-                        monitor="valid_loss",
-                        patience=self.patience,
-                        load_best=True,
-                        sink=print if self.verbose else _silent,
-                    ),
-                )
-            )
-        for i, cb in enumerate(self.callbacks or []):
-            cbs.append(cb if isinstance(cb, tuple | list) else (f"user_{i}", cb))
-        # BatchNorm cannot train on a last batch of one sample
-        drop_last = n_rows_train > self.batch_size and n_rows_train % self.batch_size == 1
-        names = [pn for pn, _ in module.named_parameters()]
-        optimizer = LayerwiseOptimizer(
-            names, plan.layer_of, plan.lr_of_layer, plan.layer_names, float(self.weight_decay)
-        )
-        net_kwargs = {}
+        kwargs = {"classes": np.arange(plan.n_out), "callbacks__valid_acc": None}
         if plan.weight is not None:
-            net_kwargs["criterion__weight"] = plan.weight
-        if self.augment:
-            net_kwargs["iterator_train__collate_fn"] = AugmentCollate()
-        return NeuralNetClassifier(
-            module,
-            criterion=nn.CrossEntropyLoss,
-            optimizer=optimizer,
-            lr=float(self.lr),
-            max_epochs=int(self.max_epochs),
-            batch_size=int(self.batch_size),
-            iterator_train__shuffle=True,
-            iterator_train__drop_last=drop_last,
-            iterator_valid__batch_size=self._bs_pred(),
-            train_split=predefined_split(ds_valid) if use_valid else None,
-            classes=np.arange(plan.n_classes),
-            callbacks=cbs,
-            callbacks__valid_acc=None,
-            device=self.device_,
-            verbose=int(self.verbose),
-            **net_kwargs,
-        )
+            kwargs["criterion__weight"] = plan.weight
+        return NeuralNetClassifier, nn.CrossEntropyLoss, kwargs
 
-    @staticmethod
-    def _history(net, use_valid, n_classes):
-        keys = ["epoch", "train_loss", "dur"]
-        if use_valid:
-            keys += ["valid_loss", "valid_auc" if n_classes == 2 else "valid_acc"]
-        rows = []
-        for h in net.history:
-            row = {key: h[key] for key in keys if key in h}
-            row = {key: (int(v) if key == "epoch" else float(v)) for key, v in row.items()}
-            if "event_lr" in h:
-                row["lr"] = float(h["event_lr"])
-            rows.append(row)
-        return rows
+    def _validation_scoring(self, plan: _FitPlan):
+        return validation_scoring(plan.n_out)
+
+    def _validation_keys(self, plan: _FitPlan):
+        return ["valid_auc" if plan.n_out == 2 else "valid_acc"]
+
+    def _early_stopping_monitor(self):
+        return "valid_loss", True
 
     # ----------------------------------------------------------------------------------------
-    # the torch network protocol (skrtl._base.TorchNetworkMixin) and prediction
+    # prediction
     # ----------------------------------------------------------------------------------------
-    def _skrtl_torch_module(self) -> nn.Module:
-        check_is_fitted(self, "net_")
-        if len(self.nets_) == 1:
-            return self.net_.module_
-        return EnsembleModule([net.module_ for net in self.nets_])
-
-    def _skrtl_iter_inputs(self, X, batch_size=None):
-        """Yield ``(x, idx)``: network input batches and the sample index of each row."""
-        check_is_fitted(self, "net_")
-        data = self._read(X)
-        bs = int(batch_size or self._bs_pred())
-        dev = self._module_device()
-        for x, _, owners in self.preprocessor_.iter_batches(data, range(len(data)), bs):
-            yield x.to(dev), owners
-
-    def _skrtl_network_copy(self):
-        """A copy of this fitted classifier whose nets own private copies of their modules."""
-        check_is_fitted(self, "net_")
-        new = copy.copy(self)
-        new.nets_ = [_net_with_module_copy(net) for net in self.nets_]
-        new.net_ = new.nets_[0]
-        return new
-
-    def _module_device(self):
-        for p in self.net_.module_.parameters():
-            return p.device
-        return torch.device("cpu")  # pragma: no cover
-
     def predict_proba(self, X) -> np.ndarray:
-        """Class probabilities (averaged over slices for ``mode="3d"``).
+        """Class probabilities (averaged over the slices of slice-wise ``mode="3d"``).
 
         Parameters
         ----------
@@ -895,39 +977,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         -------
         ndarray of shape (n_samples, n_classes)
         """
-        check_is_fitted(self, "net_")
-        data = self._read(X)
-        return self._proba_of(data, np.arange(len(data)), self.nets_)
-
-    def _proba_of(self, data, rows, nets) -> np.ndarray:
-        """Mean probabilities of ``nets`` (and the TTA views) for the samples ``rows``."""
-        rows = np.asarray(rows, dtype=np.intp)
-        pos = np.full(len(data), -1, dtype=np.intp)
-        pos[rows] = np.arange(len(rows))
-        dev = self._module_device()
-        sums = np.zeros((len(rows), len(self.classes_)))
-        counts = np.zeros(len(rows))
-        flips = self._tta_flips()
-        batches = self.preprocessor_.iter_batches(data, rows, self._bs_pred())
-        with torch.no_grad():
-            for x, _, owners in batches:
-                xb = x.to(dev)
-                idx = pos[owners]
-                for net in nets:
-                    for dims in flips:
-                        logits = _eval_forward(net.module_, xb.flip(dims) if dims else xb)
-                        p = torch.softmax(logits.float(), dim=1).cpu().numpy()
-                        np.add.at(sums, idx, p)
-                        np.add.at(counts, idx, 1)
-        return sums / counts[:, None]
-
-    def _tta_flips(self) -> tuple[tuple[int, ...], ...]:
-        """Axes flipped by each test-time view (``()``: the input itself)."""
-        if not self.tta:
-            return ((),)
-        if getattr(self.preprocessor_, "is_volumetric", False):
-            return _VOLUME_TTA_FLIPS
-        return ((), (-1,))
+        return self._member_outputs(X, lambda logits: torch.softmax(logits, dim=1)).mean(0)
 
     def decision_function(self, X) -> np.ndarray:
         """Log-odds of the positive class (binary) or log-probabilities (multi-class)."""
@@ -937,12 +987,8 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseTorchImageEst
         return np.log(proba)
 
     def predict(self, X) -> np.ndarray:
-        """Most probable class of each sample, or the positive class above ``threshold_``."""
-        proba = self.predict_proba(X)
-        t = getattr(self, "threshold_", None)
-        if t is None:
-            return self.classes_[np.argmax(proba, axis=1)]
-        return self.classes_[(proba[:, 1] >= t).astype(int)]
+        """Most probable class of each sample."""
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

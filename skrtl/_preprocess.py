@@ -256,7 +256,7 @@ class ImagePreprocessor:
     @property
     def is_volumetric(self) -> bool:
         """Whether each sample is one volume input of a 3-D network."""
-        return self.mode == "3d" and self.volumetric != "slices"
+        return self.mode == "3d" and getattr(self, "volumetric", "slices") != "slices"
 
     def key(self) -> tuple:
         """Everything that changes the network input, for cache keys."""
@@ -355,9 +355,10 @@ class ImagePreprocessor:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalised NCHW float32 batch of scaled 2-D images, and their resized masks.
 
-        For a volumetric network: the NCDHW batch of scaled volumes. Images of one shape are resized together; a batch of mixed shapes is resized in groups
-        of equal shape. Masks (``None`` entries: the whole image) are area-averaged onto the
-        same grid, giving the fraction of each input pixel inside the mask.
+        For a volumetric network: the NCDHW batch of scaled volumes. Images of one shape are
+        resized together; a batch of mixed shapes is resized in groups of equal shape. Masks
+        (``None`` entries: the whole image) are area-averaged onto the same grid, giving the
+        fraction of each input pixel inside the mask.
         """
         imgs = list(imgs)
         groups: dict[tuple, list[int]] = {}

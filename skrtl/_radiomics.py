@@ -15,8 +15,11 @@ PyRadiomics is an optional dependency: ``pip install "skrtl[radiomics]"`` (insta
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
-from numbers import Integral
+import os
+from numbers import Integral, Real
 
 import numpy as np
 import pandas as pd
@@ -26,6 +29,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._base import PassthroughMixin
 from ._imaging import first_case_layout, read_image_frame
+from .utils import hash_array, open_disk_cache
 
 __all__ = ["RADIOMICS_FEATURE_CLASSES", "RadiomicsFeatures", "otsu_mask"]
 
@@ -206,6 +210,14 @@ class RadiomicsFeatures(PassthroughMixin, TransformerMixin, BaseEstimator):
     n_jobs : int or None, default=None
         Samples processed in parallel with joblib (``None`` = 1, ``-1`` = all cores). Cases of
         a file frame are loaded inside the worker that extracts them.
+    cache_dir : str, path or None, default=None
+        A folder for a persistent cache of the extracted features, shared by processes and
+        runs (safe with concurrent writers; stored as JSON, never pickled). Keyed by the image
+        and mask content (the file identity for cohort files), the spacing, the label, every
+        extraction setting and the PyRadiomics version: a rerun, or another process, over the
+        same cohort reads the features instead of running PyRadiomics again.
+    cache_size_mb : float, default=2048
+        Size bound of the ``cache_dir`` cache.
     passthrough : str, list of str or None, default=None
         Columns of the image frame appended, unchanged, after the features (e.g.
         ``["site", "age"]``); non-numeric ones need ``set_output(transform="pandas")``. See
@@ -259,6 +271,8 @@ class RadiomicsFeatures(PassthroughMixin, TransformerMixin, BaseEstimator):
         "label": [Interval(Integral, 1, None, closed="left"), list, tuple, None],
         "errors": [StrOptions({"raise", "nan"})],
         "n_jobs": [Integral, None],
+        "cache_dir": [str, os.PathLike, None],
+        "cache_size_mb": [Interval(Real, 0, None, closed="neither")],
         "passthrough": [str, list, tuple, None],
         "verbose": [Interval(Integral, 0, None, closed="left"), bool],
     }
@@ -274,6 +288,8 @@ class RadiomicsFeatures(PassthroughMixin, TransformerMixin, BaseEstimator):
         label=None,
         errors="raise",
         n_jobs=None,
+        cache_dir=None,
+        cache_size_mb=2048,
         passthrough=None,
         verbose=0,
     ):
@@ -285,6 +301,8 @@ class RadiomicsFeatures(PassthroughMixin, TransformerMixin, BaseEstimator):
         self.label = label
         self.errors = errors
         self.n_jobs = n_jobs
+        self.cache_dir = cache_dir
+        self.cache_size_mb = cache_size_mb
         self.passthrough = passthrough
         self.verbose = verbose
 
@@ -445,6 +463,47 @@ class RadiomicsFeatures(PassthroughMixin, TransformerMixin, BaseEstimator):
             "errors": self.errors,
         }
         rows = list(range(len(data))) if rows is None else list(rows)
+        if self.cache_dir is not None:
+            return self._extract_cached(X, data, mode, rows, kwargs)
+        return self._run(X, data, mode, rows, kwargs)
+
+    def _cache_keys(self, data, rows, kwargs) -> list[bytes]:
+        import radiomics
+
+        base = json.dumps(
+            [kwargs["features"], kwargs["image_types"], kwargs["settings"], self.label,
+             self.missing_mask, getattr(radiomics, "__version__", "?")],
+            sort_keys=True, default=str,
+        ).encode()  # fmt: skip
+        keys = []
+        for i in rows:
+            h = hashlib.blake2b(b"radiomics-v1" + base, digest_size=20)
+            if data.keys is not None and data.keys[i] is not None:
+                h.update(data.keys[i])  # a file case: its identity, nothing loaded
+            else:
+                img = data.images[i]
+                hash_array(h, img)
+                m = data.masks[i] if data.masks is not None else None
+                h.update(b"nomask" if m is None else np.packbits(m).tobytes() + bytes(m.shape))
+                sp = None if data.spacing is None else np.asarray(data.spacing[i], float)
+                h.update(b"nospacing" if sp is None else sp.tobytes())
+            keys.append(h.digest())
+        return keys
+
+    def _extract_cached(self, X, data, mode, rows, kwargs) -> list:
+        disk = open_disk_cache(self.cache_dir, max_mb=self.cache_size_mb)
+        keys = self._cache_keys(data, rows, kwargs)
+        results: list = [disk.get_json(k) for k in keys]
+        todo = [j for j, r in enumerate(results) if r is None]
+        if todo:
+            fresh = self._run(X, data, mode, [rows[j] for j in todo], kwargs)
+            for j, res in zip(todo, fresh):
+                results[j] = res
+                if res is not None:  # failures are tried again next time
+                    disk.put_json(keys[j], res)
+        return results
+
+    def _run(self, X, data, mode, rows, kwargs) -> list:
         n_jobs = 1 if self.n_jobs is None else self.n_jobs
         if n_jobs == 1:
             results = (_extract_one(*self._sample(data, i, mode), index=i, **kwargs) for i in rows)

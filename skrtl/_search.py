@@ -97,8 +97,8 @@ class TransferSearchCV(MetaEstimatorMixin, BaseEstimator):
     **Pruning under cross-validation.** When the estimator has a ``callbacks`` parameter
     (skorch-based estimators, :class:`~skrtl._finetune.FineTuneClassifier`) a skorch
     callback is appended for every fold. After each epoch it reports the epoch's validation
-    metric (the first of ``valid_auc``, ``valid_acc``, ``-valid_loss`` present in the skorch
-    history, or ``pruning_metric``) to the trial at step
+    metric (the first of ``valid_auc``, ``valid_acc``, ``valid_cindex``, ``-valid_loss``
+    present in the skorch history, or ``pruning_metric``) to the trial at step
 
         ``step = fold_index * epochs_per_fold + epoch``  (epoch 0-based),
 
@@ -164,9 +164,13 @@ class TransferSearchCV(MetaEstimatorMixin, BaseEstimator):
         Seed of the default sampler (a RandomState draws one integer seed). It does not seed
         the estimator: set the estimator's own ``random_state`` for reproducible training.
     storage : str, optuna storage or None, default=None
-        ``None``: in-memory study, new at every fit. A URL such as ``"sqlite:///path.db"`` or
-        an RDB URL: persistent, shareable between processes and machines. SQLite URLs get a
-        60 s lock timeout. Prefer URLs to storage objects: the estimator stays clonable.
+        ``None``: in-memory study, new at every fit. An RDB URL (``"sqlite:///path.db"``,
+        ``"postgresql://user:pw@host:5432/db"``, any SQLAlchemy URL): persistent, shareable
+        between processes and machines (SQLite URLs get a 60 s lock timeout; use a server
+        database such as PostgreSQL for many workers). ``"journal:///path/search.log"`` (or a
+        path ending in ``.log``): Optuna's file-based ``JournalStorage``, shareable between the
+        processes of one machine or a shared file system without a database server. Prefer
+        URLs to storage objects: the estimator stays clonable.
     study_name : str or None, default=None
         Name of the study in ``storage`` (``None``: a new unique name per fit).
     load_if_exists : bool, default=False
@@ -180,10 +184,14 @@ class TransferSearchCV(MetaEstimatorMixin, BaseEstimator):
         When given, :meth:`save_plots` writes the PNG plots there after fitting.
     pruning_metric : str or None, default=None
         History key reported for pruning (prefix ``-`` or a name ending in ``loss`` means
-        lower is better). ``None`` tries ``valid_auc``, ``valid_acc``, ``valid_loss``.
+        lower is better). ``None`` tries ``valid_auc``, ``valid_acc``, ``valid_cindex``
+        (:class:`~skrtl.FineTuneSurvival`), ``valid_loss``.
     error_score : "raise" or float, default=np.nan
         Value of a fold whose fit or scoring raised (with a warning). A NaN trial value is
         recorded by Optuna as a failed trial and the search goes on; ``"raise"`` stops it.
+    callbacks : list of callables or None, default=None
+        Optuna study callbacks ``callback(study, frozen_trial)``, called after every trial of
+        this fit (e.g. ``optuna_integration.MLflowCallback`` to log trials to MLflow).
     verbose : int, default=0
         0: silent; 1: progress bar; 2: also Optuna's per-trial log lines.
 
@@ -265,6 +273,7 @@ class TransferSearchCV(MetaEstimatorMixin, BaseEstimator):
         "plots_dir": [str, os.PathLike, None],
         "pruning_metric": [str, None],
         "error_score": [StrOptions({"raise"}), Real],
+        "callbacks": [list, tuple, None],
         "verbose": ["verbose"],
     }
 
@@ -288,6 +297,7 @@ class TransferSearchCV(MetaEstimatorMixin, BaseEstimator):
         plots_dir=None,
         pruning_metric=None,
         error_score=np.nan,
+        callbacks=None,
         verbose=0,
     ):
         self.estimator = estimator
@@ -307,6 +317,7 @@ class TransferSearchCV(MetaEstimatorMixin, BaseEstimator):
         self.plots_dir = plots_dir
         self.pruning_metric = pruning_metric
         self.error_score = error_score
+        self.callbacks = callbacks
         self.verbose = verbose
 
     # ---------------------------------------------------------------- sklearn plumbing
@@ -387,7 +398,16 @@ class TransferSearchCV(MetaEstimatorMixin, BaseEstimator):
 
     def _make_storage(self):
         storage = self.storage
-        if isinstance(storage, str) and storage.startswith("sqlite"):
+        if not isinstance(storage, str):
+            return storage
+        if storage.startswith("journal:") or storage.endswith(".log"):
+            from optuna.storages.journal import JournalFileBackend
+
+            path = storage.split("journal:", 1)[1] if storage.startswith("journal:") else storage
+            path = path[2:] if path.startswith("//") else path  # journal:///abs or journal:rel
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(path))
+        if storage.startswith("sqlite"):
             return optuna.storages.RDBStorage(
                 storage, engine_kwargs={"connect_args": {"timeout": 60}}
             )
@@ -521,7 +541,7 @@ class TransferSearchCV(MetaEstimatorMixin, BaseEstimator):
                     n_trials=self.n_trials,
                     timeout=self.timeout,
                     n_jobs=1 if self.n_jobs is None else int(self.n_jobs),
-                    callbacks=[progress],
+                    callbacks=[progress, *(self.callbacks or [])],
                     catch=(),
                 )
 

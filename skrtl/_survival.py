@@ -47,8 +47,10 @@ from sklearn.utils.validation import (
 
 __all__ = [
     "CoxPHSurvival",
+    "ProportionalHazardsMixin",
     "SelectKBestSurvival",
     "as_survival_target",
+    "breslow_cumulative_hazard",
     "concordance_index",
     "cox_score_test",
     "kaplan_meier",
@@ -633,9 +635,114 @@ def _ipcw_weights(g_times: np.ndarray, g_surv: np.ndarray, time: np.ndarray) -> 
 
 
 # --------------------------------------------------------------------------------------------
+# proportional hazards: baseline hazard, survival functions, score
+# --------------------------------------------------------------------------------------------
+def breslow_cumulative_hazard(y, risk) -> tuple[np.ndarray, np.ndarray]:
+    """Breslow estimate of the baseline cumulative hazard given risk scores.
+
+    ``H0(t) = sum_{t_j <= t} d_j / sum_{i : time_i >= t_j} exp(risk_i)`` at every distinct
+    time ``t_j`` of ``y`` (``d_j`` events at ``t_j``), so that ``H(t | x) = H0(t) *
+    exp(risk(x))``. For a Cox model's risks it is lifelines' ``baseline_cumulative_hazard_``.
+
+    Parameters
+    ----------
+    y : structured array of shape (n,)
+        Survival target (:func:`make_survival_target`).
+    risk : array-like of shape (n,)
+        Risk scores (log partial hazards) of the same samples.
+
+    Returns
+    -------
+    times : ndarray
+        Distinct times of ``y``, sorted.
+    cumulative_hazard : ndarray
+        ``H0`` at ``times``.
+    """
+    event, time = _check_survival_y(y, estimator_name="breslow_cumulative_hazard")
+    risk = np.asarray(risk, dtype=float).reshape(-1)
+    check_consistent_length(time, risk)
+    times, inv = np.unique(time, return_inverse=True)
+    deaths = np.bincount(inv, weights=event.astype(float), minlength=times.size)
+    hazard = np.bincount(inv, weights=np.exp(risk), minlength=times.size)
+    at_risk = np.cumsum(hazard[::-1])[::-1]
+    return times, np.cumsum(deaths / at_risk)
+
+
+class ProportionalHazardsMixin:
+    """Survival functions and the C-index of a fitted proportional-hazards risk model.
+
+    The estimator's ``predict(X)`` returns the risk score (log partial hazard, higher =
+    shorter survival) and ``fit`` sets ``unique_times_`` and ``baseline_cumulative_hazard_``
+    (the baseline ``H0`` at those times, e.g. :func:`breslow_cumulative_hazard` of the
+    training risks) and ``event_times_`` (the default time grid). Shared by
+    :class:`CoxPHSurvival` and :class:`~skrtl.FineTuneSurvival`.
+    """
+
+    def predict_partial_hazard(self, X) -> np.ndarray:
+        """Hazard ratio relative to a sample of risk 0: ``exp(predict(X))``."""
+        return np.exp(self.predict(X))
+
+    def predict_cumulative_hazard_function(self, X, times=None) -> np.ndarray:
+        """Cumulative hazard ``H(t | x) = H0(t) * exp(predict(x))`` at ``times``.
+
+        Parameters
+        ----------
+        X : array-like or image frame
+            What ``predict`` takes.
+        times : array-like of shape (n_times,), optional
+            Defaults to ``event_times_``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_times)
+        """
+        lp = self.predict(X)
+        times = self.event_times_ if times is None else np.asarray(times, dtype=float).ravel()
+        h0 = _step_right(self.unique_times_, self.baseline_cumulative_hazard_, times, 0.0)
+        return np.exp(lp)[:, None] * h0[None, :]
+
+    def predict_survival_function(self, X, times=None) -> np.ndarray:
+        """Survival probability ``S(t | x) = exp(-H(t | x))`` at ``times``.
+
+        Parameters
+        ----------
+        X : array-like or image frame
+            What ``predict`` takes.
+        times : array-like of shape (n_times,), optional
+            Defaults to ``event_times_``. For :class:`CoxPHSurvival` it equals lifelines'
+            ``predict_survival_function``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_times)
+        """
+        return np.exp(-self.predict_cumulative_hazard_function(X, times))
+
+    def score(self, X, y, sample_weight=None) -> float:
+        """Harrell's C-index of ``predict(X)`` (higher risk = shorter survival).
+
+        For Uno's IPCW C-index use ``scoring=make_concordance_scorer("uno")``; for
+        time-dependent AUC and Brier scores :func:`make_time_dependent_auc_scorer` and
+        :func:`make_brier_scorer`.
+
+        Parameters
+        ----------
+        X : array-like or image frame
+            What ``predict`` takes.
+        y : structured array of shape (n_samples,)
+        sample_weight : array-like of shape (n_samples,), optional
+
+        Returns
+        -------
+        float
+        """
+        return concordance_index(y, self.predict(X), sample_weight=sample_weight)
+
+
+# --------------------------------------------------------------------------------------------
 # Cox model
 # --------------------------------------------------------------------------------------------
-class CoxPHSurvival(BaseEstimator):
+class CoxPHSurvival(ProportionalHazardsMixin, BaseEstimator):
     """Cox proportional-hazards model (lifelines' ``CoxPHFitter``) as a scikit-learn estimator.
 
     Fits exactly lifelines' penalized Cox model (Efron ties, Breslow baseline) on a feature
@@ -918,62 +1025,6 @@ class CoxPHSurvival(BaseEstimator):
         ndarray of shape (n_samples,)
         """
         return self._linear_predictor(self._validate_X(X))
-
-    def predict_partial_hazard(self, X) -> np.ndarray:
-        """Hazard ratio relative to a sample at the training mean: ``exp(predict(X))``."""
-        return np.exp(self.predict(X))
-
-    def predict_cumulative_hazard_function(self, X, times=None) -> np.ndarray:
-        """Cumulative hazard ``H(t | x) = H0(t) * exp(predict(x))`` at ``times``.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        times : array-like of shape (n_times,), optional
-            Defaults to ``event_times_``.
-
-        Returns
-        -------
-        ndarray of shape (n_samples, n_times)
-        """
-        lp = self.predict(X)
-        times = self.event_times_ if times is None else np.asarray(times, dtype=float).ravel()
-        h0 = _step_right(self.unique_times_, self.baseline_cumulative_hazard_, times, 0.0)
-        return np.exp(lp)[:, None] * h0[None, :]
-
-    def predict_survival_function(self, X, times=None) -> np.ndarray:
-        """Survival probability ``S(t | x) = exp(-H(t | x))`` at ``times``.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        times : array-like of shape (n_times,), optional
-            Defaults to ``event_times_``. Equals lifelines' ``predict_survival_function``.
-
-        Returns
-        -------
-        ndarray of shape (n_samples, n_times)
-        """
-        return np.exp(-self.predict_cumulative_hazard_function(X, times))
-
-    def score(self, X, y, sample_weight=None) -> float:
-        """Harrell's C-index of ``predict(X)`` (higher risk = shorter survival).
-
-        For Uno's IPCW C-index use ``scoring=make_concordance_scorer("uno")``; for
-        time-dependent AUC and Brier scores :func:`make_time_dependent_auc_scorer` and
-        :func:`make_brier_scorer`.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : structured array of shape (n_samples,)
-        sample_weight : array-like of shape (n_samples,), optional
-
-        Returns
-        -------
-        float
-        """
-        return concordance_index(y, self.predict(X), sample_weight=sample_weight)
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.metaestimators import _BaseComposition
 from sklearn.utils.validation import check_is_fitted
 
+from ._redundancy import CorrelationClusterSelector
 from ._survival import (
     CoxPHSurvival,
     SelectKBestSurvival,
@@ -56,16 +57,18 @@ def make_survival_fusion(
     l1_ratio: float | None = None,
     score_func="cox",
     impute: str | None = "median",
+    redundancy=None,
     estimator=None,
 ) -> Pipeline:
     """Pipeline fusing feature groups for survival, with every step fitted inside each fold.
 
     Each group of columns (e.g. clinical variables, PyRadiomics features, deep CNN features)
-    gets its own chain ``SimpleImputer -> VarianceThreshold -> StandardScaler ->
-    SelectKBestSurvival(k)`` inside a :class:`~sklearn.compose.ColumnTransformer`; the kept
-    columns of all groups go to one :class:`~skrtl.CoxPHSurvival` (or ``estimator``). The
-    result is a plain Pipeline: it clones, pickles and tunes in ``GridSearchCV``, with
-    parameter names such as ``features__radiomics__select__k`` and ``model__penalizer``.
+    gets its own chain ``SimpleImputer -> VarianceThreshold -> [CorrelationClusterSelector] ->
+    StandardScaler -> SelectKBestSurvival(k)`` inside a
+    :class:`~sklearn.compose.ColumnTransformer`; the kept columns of all groups go to one
+    :class:`~skrtl.CoxPHSurvival` (or ``estimator``). The result is a plain Pipeline: it
+    clones, pickles and tunes in ``GridSearchCV``, with parameter names such as
+    ``features__radiomics__select__k`` and ``model__penalizer``.
 
     Parameters
     ----------
@@ -87,6 +90,12 @@ def make_survival_fusion(
     impute : {"median", "mean"} or None, default="median"
         Imputation of missing values per group (fitted on the training fold); ``None`` for
         no imputer (then missing values raise).
+    redundancy : float, dict of str -> float, or None, default=None
+        Redundancy reduction before the selection: a :class:`~skrtl.CorrelationClusterSelector`
+        with this ``threshold`` keeps one medoid per cluster of features correlated above it
+        (Spearman), so that the univariate selection does not spend ``k`` on copies of one
+        signal. A dict sets it per group (``{"radiomics": 0.9}``); ``None`` reduces nothing.
+        The step is named ``reduce`` (``features__radiomics__reduce__threshold``).
     estimator : survival estimator, optional
         Final model instead of ``CoxPHSurvival(penalizer, l1_ratio)``, e.g. a
         scikit-survival ``RandomSurvivalForest`` (cloned when the pipeline is fitted in CV).
@@ -95,7 +104,8 @@ def make_survival_fusion(
     -------
     Pipeline
         ``Pipeline([("features", ColumnTransformer([...])), ("model", estimator)])``; each
-        group's chain has the steps ``impute`` (if any), ``variance``, ``scale``, ``select``.
+        group's chain has the steps ``impute`` (if any), ``variance``, ``reduce`` (with
+        ``redundancy``), ``scale``, ``select``.
 
     Examples
     --------
@@ -124,6 +134,12 @@ def make_survival_fusion(
             raise ValueError(
                 f"k names groups {unknown!r} that are not in groups {list(groups)!r}."
             )
+    if isinstance(redundancy, Mapping):
+        unknown = sorted(set(redundancy) - set(groups))
+        if unknown:
+            raise ValueError(
+                f"redundancy names groups {unknown!r} that are not in groups {list(groups)!r}."
+            )
     if impute not in ("median", "mean", None):
         raise ValueError(f"impute must be 'median', 'mean' or None, got {impute!r}.")
     if estimator is None:
@@ -141,8 +157,11 @@ def make_survival_fusion(
         if isinstance(columns, np.ndarray | tuple):
             columns = list(columns)
         steps = [] if impute is None else [("impute", SimpleImputer(strategy=impute))]
+        steps.append(("variance", VarianceThreshold()))
+        threshold = redundancy.get(name) if isinstance(redundancy, Mapping) else redundancy
+        if threshold is not None:
+            steps.append(("reduce", CorrelationClusterSelector(threshold=threshold)))
         steps += [
-            ("variance", VarianceThreshold()),
             ("scale", StandardScaler()),
             ("select", SelectKBestSurvival(k=_group_k(k, name, columns), score_func=score_func)),
         ]

@@ -87,9 +87,16 @@ def _training_target(estimator):
 
 
 def _unwrap_search(estimator):
-    while hasattr(estimator, "best_estimator_") and not isinstance(estimator, Pipeline):
-        estimator = estimator.best_estimator_
-    return estimator
+    """The fitted model inside searches (``best_estimator_``) and ``FrozenEstimator``."""
+    from sklearn.frozen import FrozenEstimator
+
+    while True:
+        if isinstance(estimator, FrozenEstimator):
+            estimator = estimator.estimator
+        elif hasattr(estimator, "best_estimator_") and not isinstance(estimator, Pipeline):
+            estimator = estimator.best_estimator_
+        else:
+            return estimator
 
 
 def survival_function_at(estimator, X, times) -> np.ndarray:
@@ -97,7 +104,8 @@ def survival_function_at(estimator, X, times) -> np.ndarray:
 
     Works with skrtl's estimators (``predict_survival_function(X, times=...)``), with
     scikit-survival's (which return step functions), and with either inside a
-    :class:`~sklearn.pipeline.Pipeline` or a fitted search (``best_estimator_``).
+    :class:`~sklearn.pipeline.Pipeline`, a fitted search (``best_estimator_``) or a
+    :class:`~sklearn.frozen.FrozenEstimator`.
 
     Parameters
     ----------

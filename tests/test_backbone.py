@@ -189,3 +189,29 @@ def test_describe_layers_table():
     table = describe_layers(load_backbone("resnet18", pretrained=False, num_classes=2))
     assert list(table["name"]) == ["stem", "layer1", "layer2", "layer3", "layer4", "classifier"]
     assert table["n_params"].sum() == 11_177_538
+
+
+@pytest.mark.parametrize(
+    "name", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
+)
+def test_embedded_backbones_hold_real_imagenet_weights(name):
+    """Every embedded backbone loads offline and recognises a cat as a cat (ImageNet 281-285)."""
+    import importlib.util
+
+    import torch.nn.functional as F
+
+    from skrtl import EMBEDDED_BACKBONES, backbone_data_config
+
+    skimage_data = pytest.importorskip("skimage.data")
+    if importlib.util.find_spec(EMBEDDED_BACKBONES[name][0]) is None:
+        pytest.skip(f"{EMBEDDED_BACKBONES[name][2]} is not installed")
+    model = load_backbone(name, num_classes=1000)
+    cfg = backbone_data_config(model)
+    img = torch.from_numpy(skimage_data.chelsea().astype(np.float32) / 255).permute(2, 0, 1)
+    x = F.interpolate(img[None], size=cfg["input_size"][1:], mode="bilinear", antialias=True)
+    x = (x - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(
+        1, 3, 1, 1
+    )
+    with torch.no_grad():
+        top = int(model(x).argmax())
+    assert 281 <= top <= 285  # the cat classes of ImageNet

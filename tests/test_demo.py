@@ -3,26 +3,37 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
+from _browser import find_chromium, render
 
 from skrtl import read_cohort
 from skrtl._demo import run_demo
 from skrtl.cli import main
 
 
-def test_run_demo_quick_phantom(tmp_path):
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """The quick phantom demo, run once for the tests of its outputs."""
+    folder = tmp_path_factory.mktemp("demo") / "report"
     out = run_demo(
         data=None,
-        output_dir=tmp_path / "report",
+        output_dir=folder,
         n_samples=60,
         image_size=32,
         quick=True,
         random_state=0,
         verbose=0,
     )
+    return folder, out
+
+
+def test_run_demo_quick_phantom(quick_demo):
+    folder, out = quick_demo
+    tmp_path = folder.parent
     report = tmp_path / "report" / "report.md"
     assert out["report"] == report and report.is_file()
     text = report.read_text()
@@ -44,6 +55,47 @@ def test_run_demo_quick_phantom(tmp_path):
     assert len(cohort) == 60 and cohort["image"].str.endswith(".nii.gz").all()
     assert {"site", "malignant", "time", "event"} <= set(cohort.columns)
     assert "every step reads the images from those files" in text
+    # saliency maps of a few images per site, in the tables and as figures
+    assert "saliency" in steps and "## Saliency maps" in text
+    for name in ("saliency_finetune.png", "saliency_probe.png"):
+        assert (folder / name).is_file()
+    share = res.loc[("saliency", "probe CAM (l9)", "share in lesion")]
+    assert 0.0 <= share["source"] <= 1.0
+
+
+def test_demo_html_report_is_self_contained(quick_demo):
+    folder, out = quick_demo
+    page = out["html"].read_text()
+    assert out["html"] == folder / "report.html"
+    for heading in ("Results", "Example images per site", "Saliency maps", "Shift diagnostics",
+                    "Timings", "Simulated scanners"):  # fmt: skip
+        assert f">{heading}" in page, heading
+    # every figure is embedded, nothing is loaded from elsewhere
+    srcs = re.findall(r'<img src="([^"]*)"', page)
+    assert len(srcs) >= 6 and all(src.startswith("data:image/png;base64,") for src in srcs)
+    assert not re.search(r'(?:src|href)="(?!data:|#)', page)
+    assert "<script" not in page
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="no Chromium (apt-get install chromium)")
+def test_demo_html_report_renders_in_a_browser(quick_demo, tmp_path):
+    folder, out = quick_demo
+    page = render(out["html"], screenshot=tmp_path / "report.png")
+    assert page["title"] == "skrtl demo report"
+    assert len(page["images"]) >= 6
+    assert all(img["complete"] and img["width"] > 0 for img in page["images"]), page["images"]
+    assert page["console_errors"] == [] and page["exceptions"] == []
+    assert page["log_errors"] == []
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    # the check itself can fail: a broken image and a console error are seen
+    broken = tmp_path / "broken.html"
+    broken.write_text(
+        '<!DOCTYPE html><html><head><link rel="icon" href="data:,"></head><body>'
+        '<img src="missing.png"><script>console.error("boom")</script></body></html>'
+    )
+    bad = render(broken)
+    assert [img["width"] for img in bad["images"]] == [0]
+    assert bad["console_errors"] == ["boom"]
 
 
 def test_run_demo_medmnist_file(tmp_path):
@@ -99,7 +151,7 @@ def test_run_demo_on_a_user_cohort_of_volumes(tmp_path, monkeypatch):
     table.to_csv(tmp_path / "data" / "plain.csv", index=False)
     out = run_demo(cohort=tmp_path / "data" / "plain.csv", target="malignant", label="Label",
                    output_dir=tmp_path / "r2", image_size=32, quick=True, verbose=0)  # fmt: skip
-    assert set(out["results"]["step"]) == {"transfer"}
+    assert set(out["results"]["step"]) == {"transfer", "saliency"}
     assert any("site-shift steps are skipped" in n for n in out["notes"])
     assert any("survival step is skipped" in n for n in out["notes"])
     with pytest.raises(ValueError, match="must be binary"):

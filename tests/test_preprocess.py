@@ -103,4 +103,5 @@ def test_mixed_image_sizes_in_one_batch(images):
     fe = PretrainedCNNFeatures(input_size=32, precision="fp32", cache=False).fit(frame)
     together = fe.transform(frame)
     alone = np.vstack([fe.transform(frame.iloc[[i]]) for i in range(3)])
-    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+    # oneDNN picks its kernels by batch shape: equal up to float32 rounding
+    np.testing.assert_allclose(together, alone, rtol=1e-4, atol=5e-5)

@@ -111,6 +111,31 @@ def test_fusion_with_another_final_estimator_and_errors(cohort):
         make_survival_fusion(groups, k=-1)
     with pytest.raises(ValueError, match="impute"):
         make_survival_fusion(groups, impute="zero")
+    with pytest.raises(ValueError, match="redundancy names groups"):
+        make_survival_fusion(groups, redundancy={"radiomic": 0.9})
+
+
+def test_fusion_reduces_redundant_copies_before_selection(cohort):
+    X, y, groups = cohort
+    rng = np.random.default_rng(1)
+    X = X.copy()
+    copies = [f"rad0_copy{i}" for i in range(5)]
+    for c in copies:  # near-copies of the strongest radiomic feature
+        X[c] = X["rad0"] + 0.01 * rng.normal(size=len(X))
+    groups = dict(groups, radiomics=groups["radiomics"] + copies)
+    plain = make_survival_fusion(groups, k={"radiomics": 3, "deep": 1}).fit(X, y)
+    reduced = make_survival_fusion(
+        groups, k={"radiomics": 3, "deep": 1}, redundancy={"radiomics": 0.9}
+    ).fit(X, y)
+    names = lambda m: m[:-1].get_feature_names_out()  # noqa: E731
+    picked_plain = [n for n in names(plain) if n.startswith("radiomics__rad0")]
+    picked = [n for n in names(reduced) if n.startswith("radiomics__rad")]
+    assert len(picked_plain) == 3  # the selection spends k on copies of rad0
+    assert len([n for n in picked if n.startswith("radiomics__rad0")]) == 1
+    assert "radiomics__rad1" in picked  # the second signal is found once copies are merged
+    chain = reduced.named_steps["features"].named_transformers_["radiomics"]
+    assert [s for s, _ in chain.steps] == ["impute", "variance", "reduce", "scale", "select"]
+    assert reduced.get_params()["features__radiomics__reduce__threshold"] == 0.9
 
 
 def test_ensemble_rank_average_equals_definition(cohort):

@@ -225,6 +225,12 @@ def test_survival_function_at_sksurv_estimators_pipelines_and_searches(fitted):
     np.testing.assert_allclose(
         survival_function_at(gs, Xte, TIMES), survival_function_at(ours, Xte, TIMES)
     )
+    from sklearn.frozen import FrozenEstimator
+
+    np.testing.assert_allclose(
+        survival_function_at(FrozenEstimator(ours), Xte, TIMES),
+        survival_function_at(ours, Xte, TIMES),
+    )
     # scikit-survival's own scorer wrapper keeps the training target: found too
     wrapped = sksurv_metrics.as_cumulative_dynamic_auc_scorer(clone(sk), times=TIMES)
     wrapped.fit(Xtr, ytr)

@@ -160,8 +160,10 @@ def test_depthwise_training_path_has_the_exact_gradients(method, stride, same):
     else:
         conv2 = nn.Conv2d(6, 6, 5, stride, 2, groups=6, bias=True)
     conv2 = conv2.double()
-    conv = ACSConv3d(conv2, same=same) if method == "acs" else InflatedConv3d.inflate(
-        conv2, same=same, depth_padding="replicate"
+    conv = (
+        ACSConv3d(conv2, same=same)
+        if method == "acs"
+        else InflatedConv3d.inflate(conv2, same=same, depth_padding="replicate")
     )
     x = torch.randn(2, 6, 3, 6, 7, dtype=torch.float64, requires_grad=True)
     y = conv(x)
