@@ -162,6 +162,75 @@ def _depthwise_training(conv, x) -> bool:
     )
 
 
+def _planes_training(conv, x) -> bool:
+    """Whether an ACS conv should run as three batched 2-D convolutions (training, CPU)."""
+    return (
+        torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and conv.weight.shape[-1] > 1
+        and set(conv.dilation) == {1}
+        and (conv.groups == 1 or conv.groups == conv.in_channels == conv.out_channels)
+        and (x.requires_grad or conv.weight.requires_grad)
+    )
+
+
+def _acs_planes_conv3d(conv, x):
+    """ACS convolution as three batched 2-D convolutions, one per plane group.
+
+    Each group's input is cut into the slices its kernel acts on (axial: depth slices,
+    coronal: rows, sagittal: columns), which are batched through one 2-D convolution (forward
+    and backward are oneDNN's fast 2-D kernels; the dense ``k x k x k`` kernel would spend
+    ``k`` times the work on zeros, and the 3-D depthwise backward pass is slow). Slices are
+    taken at the kernel centre of the dense kernel, so the result equals
+    :meth:`ACSConv3d.forward`, with any stride and with TensorFlow "same" padding.
+    """
+    k = conv.weight.shape[-1]
+    c = k // 2
+    kernel = (k, k, k)
+    x, pads = _pads(
+        x, kernel, conv.stride, conv.dilation, conv.padding, conv.same, conv.depth_padding
+    )
+    xp = _pad(x, pads)
+    n, _, dp, hp, wp = xp.shape
+    sd, sh, sw = conv.stride
+    od, oh, ow = ((size - k) // st + 1 for size, st in zip((dp, hp, wp), conv.stride))
+    a, b, _ = conv.split
+    w = conv.weight
+    bias = conv.bias
+    depthwise = conv.groups != 1
+    cl = torch.channels_last
+
+    def inputs(lo, hi):
+        return xp[:, lo:hi] if depthwise else xp
+
+    def part(lo, hi):
+        return (w[lo:hi], None if bias is None else bias[lo:hi], hi - lo if depthwise else 1)
+
+    outs = []
+    # axial: depth slices (H, W)
+    wa, ba, ga = part(0, a)
+    xa = inputs(0, a)[:, :, c : c + (od - 1) * sd + 1 : sd]
+    xa = xa.permute(0, 2, 1, 3, 4).reshape(n * od, -1, hp, wp).contiguous(memory_format=cl)
+    ya = F.conv2d(xa, wa, ba, (sh, sw), 0, 1, ga)
+    outs.append(ya.reshape(n, od, a, oh, ow).permute(0, 2, 1, 3, 4))
+    # coronal: rows (D, W)
+    if b:
+        wb, bb, gb = part(a, a + b)
+        xb = inputs(a, a + b)[:, :, :, c : c + (oh - 1) * sh + 1 : sh]
+        xb = xb.permute(0, 3, 1, 2, 4).reshape(n * oh, -1, dp, wp).contiguous(memory_format=cl)
+        yb = F.conv2d(xb, wb, bb, (sd, sw), 0, 1, gb)
+        outs.append(yb.reshape(n, oh, b, od, ow).permute(0, 2, 3, 1, 4))
+        # sagittal: columns (D, H)
+        cc = conv.out_channels - a - b
+        wc, bc, gc = part(a + b, conv.out_channels)
+        xc = inputs(a + b, conv.out_channels)[:, :, :, :, c : c + (ow - 1) * sw + 1 : sw]
+        xc = xc.permute(0, 4, 1, 2, 3).reshape(n * ow, -1, dp, hp).contiguous(memory_format=cl)
+        yc = F.conv2d(xc, wc, bc, (sd, sh), 0, 1, gc)
+        outs.append(yc.reshape(n, ow, cc, od, oh).permute(0, 2, 3, 4, 1))
+    out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+    return out.contiguous(memory_format=torch.channels_last_3d)
+
+
 def _depthwise_conv3d(conv, x, split):
     """Training forward of a depthwise conv through :class:`_DepthwiseConv3d`."""
     k = conv.weight.shape[-1]
@@ -335,6 +404,8 @@ class ACSConv3d(nn.Module):
         return _acs_kernel(self.weight, self.split)
 
     def forward(self, x):
+        if _planes_training(self, x):
+            return _acs_planes_conv3d(self, x)
         if _depthwise_training(self, x):
             return _depthwise_conv3d(self, x, self.split)
         w = self.kernel3d()
