@@ -284,8 +284,9 @@ def main(argv=None):
     def write():
         bench.write(config=config, results=rows, summary=summarise(rows), notes=notes)
 
-    def todo(table):
-        return [(k, v) for k, v in table.items() if only is None or k in only]
+    def todo(table):  # in the order of --only
+        names = list(table) if only is None else [n for n in args.only.split(",") if n in table]
+        return [(n, table[n]) for n in names]
 
     if "probe" in sections:
         for name, params in todo(PROBES):

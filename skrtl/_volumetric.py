@@ -313,10 +313,15 @@ def _tap_gradients(xp, go, stride, weight, split, taps):
         return (g * window).sum(dims)
 
     if split is None:
-        for i in range(lo0, hi0 + 1):
-            for j in range(lo1, hi1 + 1):
-                for l in range(lo2, hi2 + 1):
-                    gw[:, 0, i, j, l] = tap_grad(go, xp, i, j, l)
+        # all taps at once: per channel, the correlation of the input with the output
+        # gradient (channels as groups, samples as the input channels, stride as dilation)
+        n, c = xp.shape[:2]
+        inp = xp.transpose(0, 1).reshape(1, c * n, *xp.shape[2:])
+        wt = go.transpose(0, 1).reshape(c, n, *out)
+        g = F.conv3d(inp, wt.to(inp.dtype), None, 1, 0, tuple(stride), c)
+        gw[:, 0, lo0 : hi0 + 1, lo1 : hi1 + 1, lo2 : hi2 + 1] = g[
+            0, :, : hi0 - lo0 + 1, : hi1 - lo1 + 1, : hi2 - lo2 + 1
+        ].to(gw.dtype)
         return gw
     k = weight.shape[-1]
     c = k // 2

@@ -348,3 +348,91 @@ def test_volumetric_parameters_are_checked():
     assert fe._check_image_params()[0] == (64, 64, 64)  # input_size="auto"
     assert FineTuneClassifier()._check_image_params()[0] == (96, 96)
     assert PretrainedCNNFeatures()._check_image_params()[0] == (224, 224)
+
+
+@pytest.mark.parametrize("same", [False, True])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("groups, cin, cout", [(1, 4, 7), (6, 6, 6)])
+def test_acs_training_path_of_batched_2d_convolutions_is_exact(same, stride, groups, cin, cout):
+    # in training on CPUs an ACS conv runs as three batched 2-D convolutions (one per plane):
+    # output and gradients equal the dense k x k x k kernel's through plain autograd
+    from timm.layers import Conv2dSame
+
+    from skrtl._volumetric import _acs_planes_conv3d, _pad, _pads
+
+    torch.manual_seed(0)
+    if same:
+        conv2 = Conv2dSame(cin, cout, 3, stride, groups=groups, bias=True)
+    else:
+        conv2 = nn.Conv2d(cin, cout, 3, stride, 1, groups=groups, bias=True)
+    acs = ACSConv3d(conv2.double(), same=same)
+    x = torch.randn(2, cin, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    y = _acs_planes_conv3d(acs, x)
+    xx, pads = _pads(x, (3, 3, 3), acs.stride, acs.dilation, acs.padding, same, "zeros")
+    ref = F.conv3d(_pad(xx, pads), acs.kernel3d(), acs.bias, acs.stride, 0, 1, groups)
+    torch.testing.assert_close(y, ref)
+    go = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, acs.weight, acs.bias], go)
+    want = torch.autograd.grad(ref, [x, acs.weight, acs.bias], go)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_volumetric_survival_fine_tune_fits_and_predicts_risks():
+    from skrtl import FineTuneSurvival, make_survival_target
+
+    frame, y = _volume_frame(n=8)
+    rng = np.random.default_rng(0)
+    target = make_survival_target(np.arange(8) % 3 != 0, rng.exponential(10, 8) + y)
+    model = FineTuneSurvival(
+        mode="3d",
+        volumetric="inflate",
+        input_size=32,
+        max_epochs=1,
+        batch_size=4,
+        n_estimators=1,
+        freeze_depth=4,
+        validation_fraction=None,
+        random_state=0,
+    ).fit(frame, target)
+    assert model.cached_prefix_ == 4 and model._tta_flips() == ((), (-1,), (-2,), (-3,))
+    risk = model.predict(frame)
+    assert risk.shape == (8,) and np.isfinite(risk).all()
+    np.testing.assert_allclose(risk.mean(), 0.0, atol=1e-6)  # centred on the training risks
+    assert any(isinstance(m, InflatedConv3d) for m in model._skrtl_torch_module().modules())
+
+
+def test_explain_refuses_a_3d_network():
+    from skrtl import explain
+
+    frame, y = _volume_frame(n=6)
+    clf = FineTuneClassifier(
+        mode="3d",
+        volumetric="acs",
+        input_size=32,
+        max_epochs=1,
+        n_estimators=1,
+        strategy="linear_probe",
+        validation_fraction=None,
+        random_state=0,
+    ).fit(frame, y)
+    with pytest.raises(ValueError, match="saliency maps are 2-D"):
+        explain(clf, frame)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_inflated_depthwise_gradients_on_maps_smaller_than_the_kernel(stride):
+    # deep 2 x 2 x 2 maps with 5 x 5 x 5 kernels: taps reading only padding are cropped and
+    # the weight gradient of the cropped taps is computed in one grouped convolution
+    torch.manual_seed(0)
+    conv2 = nn.Conv2d(6, 6, 5, stride, 2, groups=6, bias=False).double()
+    conv = InflatedConv3d.inflate(conv2, same=False, depth_padding="zeros")
+    x = torch.randn(3, 6, 2, 2, 3, dtype=torch.float64, requires_grad=True)
+    y = conv(x)
+    ref = F.conv3d(x, conv.weight, None, stride, 2, 1, 6)
+    torch.testing.assert_close(y, ref)
+    go = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, conv.weight], go)
+    want = torch.autograd.grad(ref, [x, conv.weight], go)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
