@@ -124,6 +124,7 @@ from ._survival_metrics import (
 )
 from ._survival_plots import KaplanMeierDisplay, SurvivalCalibrationDisplay
 from ._transfer import layerwise_param_groups
+from ._volumetric import VOLUMETRIC_METHODS, convert_to_3d
 
 __version__ = "0.1.0"
 
@@ -136,6 +137,7 @@ __all__ = [
     "EMBEDDED_BACKBONES",
     "HARMONIZER_CANDIDATES",
     "RADIOMICS_FEATURE_CLASSES",
+    "VOLUMETRIC_METHODS",
     "AdaBN",
     "AutoHarmonizer",
     "BackboneWeightsError",
@@ -200,6 +202,7 @@ __all__ = [
     "compare_geometry",
     "concordance_index",
     "concordance_scorer",
+    "convert_to_3d",
     "cox_partial_likelihood_loss",
     "cox_score_test",
     "crop_lesion",

@@ -1,5 +1,10 @@
 """Training-time augmentation of network inputs (fine-tuning): the built-in light
-augmentation and the seeded per-sample application of any transform."""
+augmentation and the seeded per-sample application of any transform.
+
+The built-in augmentation works on 2-D ``(C, H, W)`` inputs and, for the 3-D networks of
+volumetric fine-tuning, on ``(C, D, H, W)`` volumes the same way: a left-right mirror, an
+in-plane rotation (about the depth axis), a shift along every axis and an intensity jitter.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ __all__ = [
     "SampleAugmentLoader",
     "apply_sample_transform",
     "augment_batch",
+    "augment_volume_batch",
 ]
 
 
@@ -34,6 +40,8 @@ class AugmentCollate:
 
     def __call__(self, items):
         x, y = torch.utils.data.default_collate(items)
+        if x.dim() == 5:
+            return augment_volume_batch(x, self), y
         return augment_batch(x, self), y
 
 
@@ -59,6 +67,38 @@ def augment_batch(x: torch.Tensor, cfg: AugmentCollate) -> torch.Tensor:
     return (x - mean) * c + mean + b
 
 
+def augment_volume_batch(x: torch.Tensor, cfg: AugmentCollate) -> torch.Tensor:
+    """Augmented copy of the NCDHW batch ``x``: the 3-D counterpart of :func:`augment_batch`.
+
+    Left-right mirror (the width axis), rotation about the depth axis (in the axial plane),
+    a shift along each axis and the same intensity jitter.
+    """
+    n = x.shape[0]
+    flip = torch.rand(n) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1, 1), x.flip(-1), x)
+    angle = (torch.rand(n) * 2 - 1) * math.radians(cfg.max_rotation)
+    shift = (torch.rand(n, 3) * 2 - 1) * 2 * cfg.max_shift
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    zero, one = torch.zeros(n), torch.ones(n)
+    # affine_grid's coordinates are (x = width, y = height, z = depth)
+    theta = torch.stack(
+        [
+            torch.stack([cos, -sin, zero, shift[:, 0]], 1),
+            torch.stack([sin, cos, zero, shift[:, 1]], 1),
+            torch.stack([zero, zero, one, shift[:, 2]], 1),
+        ],
+        1,
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    lo = x.amin(dim=(2, 3, 4), keepdim=True)
+    x = F.grid_sample(x - lo, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    x = x + lo
+    c = 1 + (torch.rand(n, 1, 1, 1, 1) * 2 - 1) * cfg.contrast
+    b = (torch.rand(n, 1, 1, 1, 1) * 2 - 1) * cfg.brightness
+    mean = x.mean(dim=(1, 2, 3, 4), keepdim=True)
+    return (x - mean) * c + mean + b
+
+
 # --------------------------------------------------------------------------------------------
 # per-sample augmentation with seeds drawn in the main process (any number of workers)
 # --------------------------------------------------------------------------------------------
@@ -73,6 +113,8 @@ class LightAugment:
         self.brightness = brightness
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:  # (C, D, H, W): a volume of a 3-D network
+            return augment_volume_batch(x[None], self)[0]
         return augment_batch(x[None], self)[0]
 
 

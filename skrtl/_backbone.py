@@ -413,7 +413,13 @@ def backbone_data_config(model: nn.Module) -> dict:
 
 def _first_conv_in_chans(model: nn.Module) -> int | None:
     for module in model.modules():
-        if isinstance(module, nn.Conv2d | nn.Conv3d):
+        # nn.Conv2d / Conv3d, and the ACS convolutions of 3-D networks (a 2-D weight)
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Conv2d | nn.Conv3d) or (
+            isinstance(getattr(module, "in_channels", None), int)
+            and isinstance(weight, torch.Tensor)
+            and weight.ndim >= 4
+        ):
             return module.in_channels
     return None
 

@@ -48,7 +48,7 @@ from sklearn.utils._set_output import _get_output_config
 from torch import nn
 
 from ._imaging import ImageInput, read_image_frame
-from ._preprocess import INTENSITY_METHODS, ImagePreprocessor
+from ._preprocess import INTENSITY_METHODS, VOLUMETRIC_OPTIONS, ImagePreprocessor
 from .utils import missing_rows
 
 __all__ = [
@@ -153,9 +153,15 @@ class BaseTorchImageEstimator(TorchNetworkMixin, BaseEstimator):
     ``backbone``, ``weights``, ``pretrained``
         The timm network and its weights (:func:`skrtl.load_backbone`).
     ``mode``, ``slices``, ``n_slices``
-        ``"2d"`` images, ``"2.5d"`` planes through the lesion centre, ``"3d"`` slice-wise.
+        ``"2d"`` images, ``"2.5d"`` planes through the lesion centre, ``"3d"`` volumes.
+    ``volumetric``
+        How ``mode="3d"`` runs the network: ``"slices"`` (slice-wise 2-D network),
+        ``"acs"`` or ``"inflate"`` (a 3-D network converted from the 2-D one,
+        :func:`skrtl.convert_to_3d`).
     ``input_size``, ``intensity``, ``windows``, ``percentiles``
-        The preprocessing (:mod:`skrtl._preprocess`).
+        The preprocessing (:mod:`skrtl._preprocess`); ``input_size="auto"`` is the class's
+        :attr:`_AUTO_INPUT_SIZE` for images and :attr:`_AUTO_VOLUME_SIZE` for volumetric
+        networks.
     ``device``
         ``"auto"``: CUDA when available, else the CPU.
     """
@@ -165,9 +171,15 @@ class BaseTorchImageEstimator(TorchNetworkMixin, BaseEstimator):
         "weights": [str, os.PathLike, None],
         "pretrained": ["boolean"],
         "mode": [StrOptions({"2d", "2.5d", "3d"})],
+        "volumetric": [StrOptions(set(VOLUMETRIC_OPTIONS))],
         "slices": [StrOptions({"orthogonal", "adjacent"})],
         "n_slices": [Interval(Integral, 1, None, closed="left")],
-        "input_size": [Interval(Integral, 1, None, closed="left"), tuple, list],
+        "input_size": [
+            Interval(Integral, 1, None, closed="left"),
+            tuple,
+            list,
+            StrOptions({"auto"}),
+        ],
         "intensity": [StrOptions(set(INTENSITY_METHODS))],
         "windows": [list, tuple, None],
         "percentiles": [tuple, list],
@@ -175,11 +187,46 @@ class BaseTorchImageEstimator(TorchNetworkMixin, BaseEstimator):
         "verbose": ["verbose"],
     }
 
+    #: ``input_size="auto"`` for 2-D network images and for volumes of a 3-D network
+    _AUTO_INPUT_SIZE = 224
+    _AUTO_VOLUME_SIZE = 64
+
     # ------------------------------------------------------------------ parameters
-    def _check_image_params(self) -> tuple[tuple[int, int], list | None]:
-        """Validated ``(input size (h, w), CT windows or None)``."""
+    @property
+    def _volumetric(self) -> bool:
+        """Whether this estimator runs a 3-D network on whole volumes."""
+        return self.mode == "3d" and getattr(self, "volumetric", "slices") != "slices"
+
+    def _check_volume_size(self) -> tuple[int, int, int]:
         size = self.input_size
-        if isinstance(size, Integral):
+        if isinstance(size, str) and size == "auto":
+            size = self._AUTO_VOLUME_SIZE
+        if isinstance(size, Integral) and not isinstance(size, bool):
+            return (int(size),) * 3
+        size = tuple(size)
+        if len(size) != 3 or not all(
+            isinstance(s, Integral) and not isinstance(s, bool) and s > 0 for s in size
+        ):
+            raise ValueError(
+                f"input_size must be a positive int or a triple (depth, height, width) for "
+                f"volumetric={self.volumetric!r}, got {self.input_size!r}."
+            )
+        return tuple(int(s) for s in size)
+
+    def _check_image_params(self) -> tuple[tuple[int, ...], list | None]:
+        """Validated ``(input size (h, w) or (d, h, w), CT windows or None)``."""
+        size = self.input_size
+        volumetric = getattr(self, "volumetric", "slices")
+        if volumetric != "slices" and self.mode != "3d":
+            raise ValueError(
+                f"volumetric={volumetric!r} runs a 3-D network on volumes and needs "
+                f"mode='3d', got mode={self.mode!r}; use mode='3d' or volumetric='slices'."
+            )
+        if self._volumetric:
+            size = self._check_volume_size()
+        elif isinstance(size, str) and size == "auto":
+            size = (int(self._AUTO_INPUT_SIZE),) * 2
+        elif isinstance(size, Integral):
             size = (int(size), int(size))
         else:
             size = tuple(size)
@@ -274,6 +321,7 @@ class BaseTorchImageEstimator(TorchNetworkMixin, BaseEstimator):
     def _make_preprocessor(
         self, *, size, windows, in_chans: int, mean, std, slice_selection: str = "mask"
     ) -> ImagePreprocessor:
+        volumetric = getattr(self, "volumetric", "slices") if self.mode == "3d" else "slices"
         return ImagePreprocessor(
             mode=self.mode,
             intensity=self.intensity,
@@ -286,6 +334,7 @@ class BaseTorchImageEstimator(TorchNetworkMixin, BaseEstimator):
             in_chans=int(in_chans),
             mean=tuple(float(v) for v in mean),
             std=tuple(float(v) for v in std),
+            volumetric=volumetric,
         )
 
     def _check_min_size(self, size, min_size: int) -> None:

@@ -561,6 +561,12 @@ def explain(
         )
     groups = _groups(step, Xc, sample_domain)
     first = groups[0][1]
+    if getattr(first, "_volumetric", False):
+        raise ValueError(
+            f"explain: saliency maps are 2-D; {type(first).__name__}(mode='3d', volumetric="
+            f"{first.volumetric!r}) runs a 3-D network. Explain a slice-wise model "
+            "(volumetric='slices') or a 2-D / 2.5-D one."
+        )
     n = len(Xc) if hasattr(Xc, "__len__") else np.asarray(Xc).shape[0]
     data = read_image_frame(Xc, mode=first.mode, estimator_name=type(first).__name__)
     labels = _target_labels(target, n)

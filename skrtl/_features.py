@@ -8,17 +8,20 @@ trained on top of it::
 
 The work per image is the shared preprocessing path (:mod:`skrtl._preprocess`: intensity
 scaling, slicing of volumes, resizing, the backbone's normalisation), one forward pass of a fast
-inference copy of the network (:mod:`skrtl._inference`) and (masked) global pooling of one or
-several feature maps. Batches are streamed: memory holds one batch of network inputs and the
-output matrix, never the whole data set as a tensor. A content-keyed, process-wide LRU cache
-stores each image's features, so that a :class:`~sklearn.model_selection.GridSearchCV` over the
-downstream classifier runs the CNN once per image.
+inference copy of the network (:mod:`skrtl._inference`; for the 3-D networks of
+``volumetric="acs"`` / ``"inflate"``, :class:`~skrtl._volumetric.VolumetricRunner`) and
+(masked) global pooling of one or several feature maps. Batches are streamed: memory holds one
+batch of network inputs and the output matrix, never the whole data set as a tensor. A
+content-keyed, process-wide LRU cache stores each image's features, so that a
+:class:`~sklearn.model_selection.GridSearchCV` over the downstream classifier runs the CNN once
+per image.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import os
 import re
 import warnings
@@ -41,6 +44,7 @@ from ._backbone import (
 from ._base import BaseTorchImageEstimator, ImageEstimatorMixin, PassthroughMixin
 from ._imaging import ImageInput
 from ._inference import InferenceRunner, forward_features
+from ._volumetric import VolumetricRunner, pretrained_volumetric_backbone
 from .utils import (
     LRUCache,
     bf16_supported,
@@ -109,14 +113,22 @@ class PretrainedCNNFeatures(
     mode : {"2d", "2.5d", "3d"}, default="2d"
         ``"2d"``: images ``(H, W)`` or ``(H, W, C)``. ``"2.5d"``: a volume ``(D, H, W)`` becomes
         one image whose channels are planes through the lesion centre (mask centroid, else the
-        volume centre), see ``slices``. ``"3d"``: every axial slice (those with mask pixels when
-        a mask is given) is featurised and the slice features are aggregated (``aggregate``).
+        volume centre), see ``slices``. ``"3d"``: volumes ``(D, H, W)``, run as set by
+        ``volumetric``.
+    volumetric : {"slices", "acs", "inflate"}, default="slices"
+        How ``mode="3d"`` runs the network. ``"slices"``: every axial slice (those with mask
+        pixels when a mask is given) is featurised by the 2-D network and the slice features
+        are aggregated (``aggregate``). ``"acs"`` / ``"inflate"``: the whole volume, resized
+        to ``input_size`` ``(D, H, W)``, goes through a 3-D network made from the pretrained
+        2-D one (:func:`skrtl.convert_to_3d`: ACS convolutions, or I3D-inflated kernels),
+        and the 3-D feature maps are pooled (masked pooling over the 3-D grid). See
+        ``docs/features.md``.
     slices : {"orthogonal", "adjacent"}, default="orthogonal"
         2.5-D planes: the three orthogonal planes, or ``n_slices`` adjacent axial slices.
     n_slices : int, default=3
         Number of adjacent slices for ``slices="adjacent"``.
     aggregate : {"mean", "max"}, default="mean"
-        How 3-D mode combines slice features of one volume.
+        How slice-wise 3-D mode combines the slice features of one volume.
     layers : "final", int, str or list of them, default="final"
         Where features are taken. ``"final"``: the backbone's last feature map. An int ``l``:
         the output of transfer layer ``l`` (1 = stem, as in :func:`skrtl.get_transfer_layers`,
@@ -130,10 +142,14 @@ class PretrainedCNNFeatures(
     mask_pooling : bool, default=True
         When the input has masks (image frame ``mask`` column), pool only over the feature-map
         cells covered by the mask: the mask is resized with the image, then area-averaged onto
-        each feature map; average and GeM pooling weight every cell by its mask fraction, max
-        pooling takes cells with a non-zero fraction. Without masks, whole-image pooling.
-    input_size : int or (int, int), default=224
-        Images are resized (bilinear, antialiased) to this size.
+        each feature map (the 3-D grid of a volumetric network); average and GeM pooling weight
+        every cell by its mask fraction, max pooling takes cells with a non-zero fraction.
+        Without masks, whole-image pooling.
+    input_size : int, (int, int), (int, int, int) or "auto", default="auto"
+        Images are resized (bilinear, antialiased) to this size (height, width); volumes of a
+        volumetric network to (depth, height, width) (an int: a cube), trilinearly.
+        ``"auto"``: 224 for images and 2-D network slices, 64 (a 64^3 cube) for volumetric
+        networks.
     intensity : {"auto", "window", "percentile", "minmax", "uint8", "none"}, default="auto"
         Intensity scaling to [0, 1] before the backbone normalisation (the one preprocessing
         path of every torch estimator, :mod:`skrtl._preprocess`). ``"auto"``: ``"window"``
@@ -157,7 +173,7 @@ class PretrainedCNNFeatures(
         the whole network in bfloat16 (autocast on CUDA); a little faster than ``"mixed"``,
         but rounding the smooth activations of upsampled grey-level images in the first block
         is amplified, which moves the features noticeably. Features are always returned as
-        float32.
+        float32. Volumetric networks use the same three settings (``"bf16"`` by autocast).
     compile : bool, default=False
         Run the network through :func:`torch.compile` (with constant folding). The first
         call compiles for a while and recompiles after the BatchNorm statistics change; on
@@ -252,6 +268,7 @@ class PretrainedCNNFeatures(
         weights=None,
         pretrained=True,
         mode="2d",
+        volumetric="slices",
         slices="orthogonal",
         n_slices=3,
         aggregate="mean",
@@ -259,7 +276,7 @@ class PretrainedCNNFeatures(
         pooling="avg",
         gem_p=3.0,
         mask_pooling=True,
-        input_size=224,
+        input_size="auto",
         intensity="auto",
         windows=None,
         percentiles=(0.5, 99.5),
@@ -278,6 +295,7 @@ class PretrainedCNNFeatures(
         self.weights = weights
         self.pretrained = pretrained
         self.mode = mode
+        self.volumetric = volumetric
         self.slices = slices
         self.n_slices = n_slices
         self.aggregate = aggregate
@@ -401,9 +419,19 @@ class PretrainedCNNFeatures(
         in_chans = self._network_in_chans(self._intensity_channels(windows, data))
         self.device_ = resolve_device(self.device)
         self.precision_ = self._resolve_precision()
-        model, fp, memo = pretrained_backbone(
-            self.backbone, self.weights, self.pretrained, in_chans, self.device_
-        )
+        if self._volumetric:
+            model, fp, memo = pretrained_volumetric_backbone(
+                self.backbone,
+                self.weights,
+                self.pretrained,
+                in_chans,
+                self.device_,
+                self.volumetric,
+            )
+        else:
+            model, fp, memo = pretrained_backbone(
+                self.backbone, self.weights, self.pretrained, in_chans, self.device_
+            )
         cfg = backbone_data_config(model)
         self._check_min_size(size, cfg["min_size"])
         self.preprocessor_ = self._make_preprocessor(
@@ -420,7 +448,7 @@ class PretrainedCNNFeatures(
             resolved = self._resolve_layers(model, probe)
             memo[memo_key] = (resolved, *self._probe_dims(model, resolved, probe))
         resolved, dims, grids = memo[memo_key]
-        if self.mask_pooling and data.masks is not None and min(h * w for h, w in grids) == 1:
+        if self.mask_pooling and data.masks is not None and min(map(math.prod, grids)) == 1:
             warnings.warn(
                 f"PretrainedCNNFeatures: with input_size={self.input_size!r} a requested feature "
                 "map is 1 x 1, so masked pooling cannot tell the lesion from its surroundings "
@@ -449,24 +477,24 @@ class PretrainedCNNFeatures(
         return self
 
     def _probe_dims(self, model, resolved, probe) -> tuple[list[int], list[tuple]]:
-        """Channels and spatial grid (h, w) of every requested feature map."""
+        """Channels and spatial grid ((h, w) or (d, h, w)) of every requested feature map."""
         got: dict[str, tuple] = {}
 
         def make(name):
             def hook(mod, args, out):
-                got[name] = tuple(int(v) for v in out.shape[1:4])
+                got[name] = tuple(int(v) for v in out.shape[1:])
 
             return hook
 
         pairs = [(model.get_submodule(m), make(m)) for _, m in resolved if m]
         with forward_hooks(pairs), torch.no_grad():
             final = forward_features(model, probe)
-        if final.ndim != 4:
+        if final.ndim != probe.ndim:
             raise ValueError(
                 f"backbone {self.backbone!r} does not produce a spatial feature map (got shape "
                 f"{tuple(final.shape)}); PretrainedCNNFeatures needs a CNN."
             )
-        got[""] = tuple(int(v) for v in final.shape[1:4])
+        got[""] = tuple(int(v) for v in final.shape[1:])
         return [got[m][0] for _, m in resolved], [got[m][1:] for _, m in resolved]
 
     # ----------------------------------------------------------------------------------------
@@ -476,10 +504,10 @@ class PretrainedCNNFeatures(
         fast = getattr(self, "_fast", None)
         if fast is not None:
             return fast
-        compiled = bool(self.compile) and self._layer_modules == [""]
+        compiled = bool(self.compile) and self._layer_modules == [""] and not self._volumetric
         if self.compile and not compiled:
             warnings.warn(
-                "compile=True is only used with layers='final'; running eagerly.",
+                "compile=True is only used with layers='final' and 2-D networks; running eagerly.",
                 UserWarning,
                 stacklevel=3,
             )
@@ -493,7 +521,17 @@ class PretrainedCNNFeatures(
             compiled,
         )
         runner = _RUNNER_CACHE.get(key)
-        if runner is None:
+        if runner is None and self._volumetric:
+            runner = VolumetricRunner(
+                self.model_,
+                layer_modules=self._layer_modules,
+                in_chans=self.in_chans_,
+                size=self.input_size_,
+                device=self.device_,
+                precision=self.precision_,
+            )
+            _RUNNER_CACHE.put(key, runner)
+        elif runner is None:
             runner = InferenceRunner(
                 self.model_,
                 layer_modules=self._layer_modules,
@@ -515,26 +553,34 @@ class PretrainedCNNFeatures(
 
     # ----------------------------------------------------------------------------------------
     def _pool(self, fmap: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Global (masked) pooling of ``(N, C, h, w)`` or, in 3-D, ``(N, C, d, h, w)`` maps.
+
+        The mask (fraction of each input pixel / voxel inside the lesion) is area-averaged
+        onto the feature grid: each cell's weight is the fraction of its receptive-field
+        block inside the mask.
+        """
         pools = ["avg", "max"] if self.pooling == "avgmax" else [self.pooling]
+        dims = tuple(range(2, fmap.dim()))
         w = None
         if mask is not None:
-            w = F.adaptive_avg_pool2d(mask.to(fmap.device, torch.float32), fmap.shape[2:])
-            wsum = w.sum(dim=(2, 3))
+            area = F.adaptive_avg_pool3d if fmap.dim() == 5 else F.adaptive_avg_pool2d
+            w = area(mask.to(fmap.device, torch.float32), fmap.shape[2:])
+            wsum = w.sum(dim=dims)
             if bool((wsum <= 0).any()):  # pragma: no cover - read_image_frame rejects these
                 raise ValueError("a mask is empty after resizing; masked pooling is undefined.")
         outs = []
         for pool in pools:
             if pool == "avg":
-                out = fmap.mean(dim=(2, 3)) if w is None else (fmap * w).sum((2, 3)) / wsum
+                out = fmap.mean(dim=dims) if w is None else (fmap * w).sum(dims) / wsum
             elif pool == "max":
                 if w is None:
-                    out = fmap.amax(dim=(2, 3))
+                    out = fmap.amax(dim=dims)
                 else:
-                    out = fmap.masked_fill(w <= 0, float("-inf")).amax(dim=(2, 3))
+                    out = fmap.masked_fill(w <= 0, float("-inf")).amax(dim=dims)
             else:  # gem
                 p = float(self.gem_p)
                 f = fmap.clamp_min(1e-6).pow(p)
-                m = f.mean(dim=(2, 3)) if w is None else (f * w).sum((2, 3)) / wsum
+                m = f.mean(dim=dims) if w is None else (f * w).sum(dims) / wsum
                 out = m.pow(1.0 / p)
             outs.append(out)
         return torch.cat(outs, dim=1)
@@ -552,7 +598,7 @@ class PretrainedCNNFeatures(
             self.backbone,
             self._state_fingerprint(),
             self.preprocessor_.key(),
-            self.aggregate if self.mode == "3d" else None,
+            self.aggregate if self.mode == "3d" and not self._volumetric else None,
             tuple(self._layer_modules),
             self.pooling,
             float(self.gem_p) if self.pooling == "gem" else None,
@@ -658,7 +704,7 @@ class PretrainedCNNFeatures(
     def _extract(self, data: ImageInput, rows: list[int], out: np.ndarray) -> None:
         fast = self._get_fast()
         counts = np.zeros(out.shape[0], dtype=np.int64)
-        use_max = self.mode == "3d" and self.aggregate == "max"
+        use_max = self.mode == "3d" and self.aggregate == "max" and not self._volumetric
         if use_max:
             out[rows] = -np.inf
         from tqdm.auto import tqdm
@@ -715,7 +761,7 @@ class PretrainedCNNFeatures(
         return self.model_
 
     def _skrtl_iter_inputs(self, X, batch_size=None):
-        """Yield ``(x, idx)``: normalised float32 NCHW input batches on the model's device."""
+        """Yield ``(x, idx)``: normalised float32 NCHW (NCDHW) input batches on its device."""
         check_is_fitted(self, "model_")
         data = self._read(X)
         bs = self.batch_size if batch_size is None else int(batch_size)

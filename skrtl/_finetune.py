@@ -22,6 +22,9 @@ classification head, and adds what transfer learning on small medical data sets 
   losses (``fit(..., sample_weight=...)``, routed by metadata routing);
 * a cross-fitted ensemble (``n_estimators`` networks, each with its own validation fold) and
   mirror-image test-time augmentation;
+* volumes as volumes: ``mode="3d"`` with ``volumetric="acs"`` / ``"inflate"`` fine-tunes a
+  3-D network converted from the pretrained 2-D one (:func:`skrtl.convert_to_3d`), with the
+  same transfer layers, freeze depth, learning rates, prefix cache, ensemble and TTA;
 * a fresh pretrained start in every ``fit`` (safe in ``GridSearchCV``), ``random_state``
   reproducibility, pickling.
 
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import warnings
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -79,6 +83,10 @@ _OPTIMIZERS = {
 # at most this many bytes of cached frozen-prefix activations (else caching is skipped)
 _MAX_CACHE_BYTES = 2 * 1024**3
 
+# test-time views of a volume (N, C, D, H, W) for a 3-D network: the axes each view flips
+# (the volume and its mirror images along width, height and depth)
+_VOLUME_TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-3,))
+
 
 def _silent(*args, **kwargs):
     return None
@@ -91,7 +99,7 @@ class _FitPlan:
     pretrained: bool
     in_chans: int
     n_out: int  # output units of the new head (classes; 1 for a risk score)
-    X_img: torch.Tensor  # network inputs of every network image
+    X_img: torch.Tensor | None  # network inputs of every image (None: only X_prefix kept)
     owner: np.ndarray  # sample of each network image
     y_rows: torch.Tensor  # target of each network image (class index, or time and event)
     weight: torch.Tensor | None  # class weights
@@ -148,6 +156,7 @@ def fit_member(estimator, plan: _FitPlan, *, seed: int, train_idx, valid_idx):
             in_chans=plan.in_chans,
             n_out=plan.n_out,
             drop_rate=estimator.drop_rate,
+            volumetric=estimator._network_kind(),
         )
         for pname, p in model.named_parameters():
             p.requires_grad_(pname not in plan.frozen_params)
@@ -295,6 +304,7 @@ class BaseFineTune(BaseTorchImageEstimator):
                 in_chans=in_chans,
                 n_out=n_out,
                 drop_rate=self.drop_rate,
+                volumetric=self._network_kind(),
             )
         cfg = backbone_data_config(model)
         self._check_min_size(size, cfg["min_size"])
@@ -307,7 +317,6 @@ class BaseFineTune(BaseTorchImageEstimator):
             "std": self.preprocessor_.std,
             "input_size": tuple(size),
         }
-        X_img, owner = self._network_inputs(data)
         # a one-output (risk) head counts as two groups (events, censored) for the advisor
         layers, L, k, gamma = self._resolve_structure(model, n_train, max(2, n_out))
         layer_of = {f"model.{p}": layer.index for layer in layers for p in layer.param_names}
@@ -320,22 +329,16 @@ class BaseFineTune(BaseTorchImageEstimator):
         self.layer_lrs_ = {l: v for l, v in lr_of_layer.items() if l > k}
         frozen_params = {p for layer in layers[:k] for p in layer.param_names}
         # the frozen prefix is the same pretrained network for every member: computed once
-        # (with random weights, pretrained=False, each member computes its own)
-        n_prefix, X_prefix = 0, None
-        if self._train_transform() is None and k >= 1:  # augmented inputs: no cache
-            module = TransferModule(model).to(self.device_)
-            for pname, p in model.named_parameters():
-                p.requires_grad_(pname not in frozen_params)
-            module.eval()
-            probe = X_img[: min(2, len(X_img))].to(self.device_)
-            n_prefix = prefix_stages(module, k, layer_of, probe)
-            if n_prefix:
-                with torch.no_grad():
-                    h0 = module.forward_stages(X_img[:1].to(self.device_), 0, n_prefix)
-                if h0.numel() * 4 * len(X_img) > _MAX_CACHE_BYTES:
-                    n_prefix = 0
-            if n_prefix and pretrained:
-                X_prefix = _run_prefix(module, X_img, n_prefix, self.device_, self._bs_pred())
+        # (with random weights, pretrained=False, each member computes its own); the volumes
+        # of a 3-D network are large, so their prefix is computed while they are preprocessed
+        # and only its output is kept
+        if self._volumetric and pretrained and self._train_transform() is None and k >= 1:
+            X_img, owner, n_prefix, X_prefix = self._stream_prefix(
+                data, model, k, layer_of, frozen_params
+            )
+        else:
+            X_img, owner = self._network_inputs(data)
+            n_prefix, X_prefix = self._prefix(X_img, model, k, layer_of, frozen_params, pretrained)
         self.cached_prefix_ = n_prefix
         return _FitPlan(
             pretrained=pretrained,
@@ -355,6 +358,57 @@ class BaseFineTune(BaseTorchImageEstimator):
             use_valid=False,
             devices=devices,
         )
+
+    def _prefix(self, X_img, model, k, layer_of, frozen_params, pretrained):
+        """``(n_prefix, X_prefix)``: the cached frozen prefix of the network inputs."""
+        n_prefix, X_prefix = 0, None
+        if self._train_transform() is None and k >= 1:  # augmented inputs: no cache
+            module = self._prefix_module(model, frozen_params)
+            probe = X_img[: min(2, len(X_img))].to(self.device_)
+            n_prefix = self._cacheable_stages(module, k, layer_of, probe, len(X_img))
+            if n_prefix and pretrained:
+                X_prefix = _run_prefix(module, X_img, n_prefix, self.device_, self._bs_pred())
+        return n_prefix, X_prefix
+
+    def _stream_prefix(self, data, model, k, layer_of, frozen_params):
+        """``(X_img or None, owner, n_prefix, X_prefix)``, the prefix computed batch by batch.
+
+        The network inputs are not kept when the prefix is cached (only its outputs are).
+        """
+        module = self._prefix_module(model, frozen_params)
+        batches = self.preprocessor_.iter_batches(data, range(len(data)), self._bs_pred())
+        first = next(batches)
+        x0 = first[0].to(self.device_)
+        n_prefix = self._cacheable_stages(module, k, layer_of, x0[:2], len(data))
+        xs, owners = [], []
+        for x, _, owner in itertools.chain([first], batches):
+            if n_prefix:
+                with torch.no_grad():
+                    x = module.forward_stages(x.to(self.device_), 0, n_prefix).cpu()
+            xs.append(x)
+            owners.append(owner)
+        X, owner = torch.cat(xs), np.concatenate(owners)
+        return (None, owner, n_prefix, X) if n_prefix else (X, owner, 0, None)
+
+    def _prefix_module(self, model, frozen_params) -> TransferModule:
+        module = TransferModule(model).to(self.device_)
+        for pname, p in model.named_parameters():
+            p.requires_grad_(pname not in frozen_params)
+        return module.eval()
+
+    def _cacheable_stages(self, module, k, layer_of, probe, n_rows) -> int:
+        """Stages of the frozen prefix whose output fits the cache for ``n_rows`` inputs."""
+        n_prefix = prefix_stages(module, k, layer_of, probe)
+        if n_prefix:
+            with torch.no_grad():
+                h0 = module.forward_stages(probe[:1], 0, n_prefix)
+            if h0.numel() * 4 * n_rows > _MAX_CACHE_BYTES:
+                n_prefix = 0
+        return n_prefix
+
+    def _network_kind(self) -> str | None:
+        """The 3-D conversion of the network (None: the 2-D network)."""
+        return self.volumetric if self._volumetric else None
 
     # ----------------------------------------------------------------------------------------
     def _fit_networks(
@@ -705,39 +759,60 @@ class BaseFineTune(BaseTorchImageEstimator):
         """
         check_is_fitted(self, "net_")
         data = self._read(X)
-        x, owner = self._network_inputs(data)
-        return self._forward_members(x, owner, len(data), output)
+        return self._forward_members(self._input_batches(data), len(data), output)
 
-    def _forward_members(self, x, owner, n: int, output) -> np.ndarray:
+    def _input_batches(self, data):
+        """Yield ``(x, owner)`` network input batches of every sample of ``data``."""
+        bs = self._bs_pred()
+        for x, _, owner in self.preprocessor_.iter_batches(data, range(len(data)), bs):
+            yield x, owner
+
+    def _fit_outputs(self, plan: _FitPlan, data, output) -> np.ndarray:
+        """:meth:`_forward_members` on the training images (their inputs kept by ``plan``)."""
+        if plan.X_img is None:
+            return self._forward_members(self._input_batches(data), len(data), output)
+        bs = self._bs_pred()
+        batches = (
+            (plan.X_img[i : i + bs], plan.owner[i : i + bs]) for i in range(0, len(plan.owner), bs)
+        )
+        return self._forward_members(batches, len(data), output)
+
+    def _tta_flips(self) -> tuple[tuple[int, ...], ...]:
+        """Axes flipped by each test-time view (``()``: the input itself)."""
+        if not self.tta:
+            return ((),)
+        if self.preprocessor_.is_volumetric:
+            return _VOLUME_TTA_FLIPS
+        return ((), (-1,))
+
+    def _forward_members(self, batches, n: int, output) -> np.ndarray:
         """``output(logits)`` of every member, averaged per sample over views and images.
 
-        ``x`` holds network inputs and ``owner`` the sample of each row. The views are the
-        image and, with ``tta``, its mirror image; the images of a sample are its slices
-        (``mode="3d"``) or the image itself.
+        ``batches`` yields ``(x, owner)``: network inputs and the sample of each row (one
+        batch of inputs is held at a time). The views are the image and, with ``tta``, its
+        mirror image (a volume of a 3-D network: its mirror images along the three axes);
+        the images of a sample are its slices (slice-wise ``mode="3d"``) or the image itself.
 
         Returns
         -------
         ndarray of shape (n_members, n, n_outputs)
         """
         dev = self._module_device()
-        bs = self._bs_pred()
-        views = [lambda t: t, lambda t: t.flip(-1)] if self.tta else [lambda t: t]
-        outputs = []
-        for net in self.nets_:
-            module = net.module_
-            sums, counts = None, np.zeros(n)
-            with torch.no_grad():
-                for start in range(0, len(x), bs):
-                    xb = x[start : start + bs].to(dev)
-                    idx = owner[start : start + bs]
-                    for view in views:
-                        out = output(_eval_forward(module, view(xb)).float()).cpu().numpy()
-                        if sums is None:
-                            sums = np.zeros((n, out.shape[1]))
-                        np.add.at(sums, idx, out)
-                        np.add.at(counts, idx, 1)
-            outputs.append(sums / counts[:, None])
-        return np.stack(outputs)
+        flips = self._tta_flips()
+        sums: list = [None] * len(self.nets_)
+        counts = np.zeros(n)
+        with torch.no_grad():
+            for x, idx in batches:
+                xb = x.to(dev)
+                for dims in flips:
+                    xv = xb.flip(dims) if dims else xb
+                    for m, net in enumerate(self.nets_):
+                        out = output(_eval_forward(net.module_, xv).float()).cpu().numpy()
+                        if sums[m] is None:
+                            sums[m] = np.zeros((n, out.shape[1]))
+                        np.add.at(sums[m], idx, out)
+                    np.add.at(counts, idx, 1)
+        return np.stack([s_ / counts[:, None] for s_ in sums])
 
 
 class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
@@ -795,13 +870,22 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         and the augmentation seeds are drawn in the main process. skorch builds the loader
         for every epoch, so workers are started for every epoch (``persistent_workers`` would
         not keep them).
-    input_size : int or (int, int), default=96
-        Images are resized (bilinear, antialiased) to this size.
+    input_size : int, (int, int), (int, int, int) or "auto", default="auto"
+        Images are resized (bilinear, antialiased) to this size (height, width); volumes of a
+        3-D network to (depth, height, width) (an int: a cube). ``"auto"``: 96 for images and
+        2-D network slices, 64 (a 64^3 cube) for the volumes of a 3-D network.
     mode : {"2d", "2.5d", "3d"}, default="2d"
         Input kind. ``"2.5d"``: planes through the lesion centre (or the volume centre) as
-        the channels, see ``slices``. ``"3d"``: slice-wise; every axial slice (those
+        the channels, see ``slices``. ``"3d"``: volumes, run as set by ``volumetric``.
+    volumetric : {"slices", "acs", "inflate"}, default="slices"
+        How ``mode="3d"`` runs the network. ``"slices"``: slice-wise; every axial slice (those
         containing the mask, when masks are given) is a training image with its volume's
         label, and predicted probabilities are averaged over the slices of a volume.
+        ``"acs"`` / ``"inflate"``: the whole volume goes through a 3-D network made from the
+        pretrained 2-D one (:func:`skrtl.convert_to_3d`: ACS convolutions, or I3D-inflated
+        kernels). Its transfer layers are the 2-D network's, so ``freeze_depth``, ``gamma``,
+        the prefix cache, the ensemble, TTA and AdaBN work as in 2-D (see
+        ``docs/finetune.md``).
     slices : {"orthogonal", "adjacent"}, default="orthogonal"
         2.5-D planes: the three orthogonal planes, or ``n_slices`` adjacent axial slices.
     n_slices : int, default=3
@@ -818,10 +902,12 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
     augment : bool or callable, default=False
         Augmentation of every training image (never of validation images, never at predict
         time). ``True``: the built-in light augmentation (horizontal flip, rotation up to 10
-        degrees, shift up to 5 %, contrast / brightness jitter). A callable: a per-sample
+        degrees, shift up to 5 %, contrast / brightness jitter; for volumes the rotation is in
+        the axial plane and the shift along every axis). A callable: a per-sample
         transform, e.g. a ``torchvision.transforms.v2.Compose`` or a MONAI array transform.
         It receives one image as a ``(C, H, W)`` float32 tensor (``C`` =
-        ``input_config_["in_chans"]``, ``(H, W)`` = ``input_size``) with intensities as
+        ``input_config_["in_chans"]``, ``(H, W)`` = ``input_size``; a ``(C, D, H, W)`` volume for
+        a 3-D network) with intensities as
         scaled by ``intensity`` (in [0, 1], before the backbone's mean / std normalisation)
         and must return a tensor of the same shape and dtype; anything else is an error.
         Every sample of every epoch gets its own seed, derived from ``random_state``: torch's,
@@ -863,8 +949,9 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         hyper-parameter searches.
     tta : bool, default=True
         Test-time augmentation: average the predictions on each image and on its horizontal
-        mirror image (the mirror is also one of the training augmentations). Set it to
-        ``False`` when left and right carry meaning for the label.
+        mirror image (the mirror is also one of the training augmentations); for the volumes
+        of a 3-D network, on the volume and its mirror images along the width, height and
+        depth axes. Set it to ``False`` when left and right carry meaning for the label.
     device : str, default="auto"
         ``"auto"``: CUDA when available, else CPU.
     random_state : int, RandomState instance or None, default=None
@@ -929,6 +1016,8 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
     (12, 2)
     """
 
+    _AUTO_INPUT_SIZE = 96
+
     _parameter_constraints: dict = {
         **BaseFineTune._parameter_constraints,
         "class_weight": [StrOptions({"balanced"}), dict, None],
@@ -950,8 +1039,9 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         max_epochs=15,
         batch_size=32,
         num_workers=0,
-        input_size=96,
+        input_size="auto",
         mode="2d",
+        volumetric="slices",
         slices="orthogonal",
         n_slices=3,
         intensity="auto",
@@ -988,6 +1078,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         self.num_workers = num_workers
         self.input_size = input_size
         self.mode = mode
+        self.volumetric = volumetric
         self.slices = slices
         self.n_slices = n_slices
         self.intensity = intensity
@@ -1118,7 +1209,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
     # prediction
     # ----------------------------------------------------------------------------------------
     def predict_proba(self, X) -> np.ndarray:
-        """Class probabilities (averaged over slices for ``mode="3d"``).
+        """Class probabilities (averaged over the slices of slice-wise ``mode="3d"``).
 
         Parameters
         ----------

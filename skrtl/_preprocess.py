@@ -7,8 +7,10 @@ sample into network input the same way, through :class:`ImagePreprocessor`:
    clipping over the whole image, or ``/255`` for 8-bit images;
 2. **slicing** of volumes into 2-D network images (:func:`to_slices`): three orthogonal planes
    or adjacent slices through the lesion centre (``"2.5d"``), or every axial slice that holds
-   the mask (``"3d"``, slice-wise);
-3. **resizing** to the network input size (bilinear, antialiased; masks by area averaging);
+   the mask (``"3d"``, slice-wise); a volumetric network (``"3d"`` with ``volumetric="acs"`` or
+   ``"inflate"``) takes the whole volume as one network input;
+3. **resizing** to the network input size (bilinear, antialiased; volumes to ``(D, H, W)``,
+   separably along the three axes; masks by area averaging);
 4. **channels**: one intensity channel is replicated to the network's three input channels (the
    input a pretrained network saw for a grey-level image), otherwise channels must match;
 5. **normalisation** with the backbone's ImageNet mean and standard deviation.
@@ -29,13 +31,17 @@ import torch.nn.functional as F
 
 __all__ = [
     "INTENSITY_METHODS",
+    "VOLUMETRIC_OPTIONS",
     "ImagePreprocessor",
+    "resize_volumes",
     "resolve_intensity",
     "scale_intensity",
     "to_slices",
 ]
 
 INTENSITY_METHODS = ("auto", "window", "percentile", "minmax", "uint8", "none")
+#: How ``mode="3d"`` runs the network: slice by slice, or as a 3-D network (ACS / inflation).
+VOLUMETRIC_OPTIONS = ("slices", "acs", "inflate")
 
 
 def resolve_intensity(method: str, windows, raw_dtype) -> str:
@@ -130,6 +136,25 @@ def _resize_np(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
+def resize_volumes(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Resize a ``(N, C, D, H, W)`` batch to ``size = (D, H, W)``: separable, antialiased.
+
+    Each axis is resampled linearly (trilinear overall); an axis that shrinks is low-pass
+    filtered first (``antialias``), as the 2-D path does for images.
+    """
+    n, c, d, h, w = t.shape
+    d2, h2, w2 = (int(v) for v in size)
+    if (h, w) != (h2, w2):
+        x = t.transpose(1, 2).reshape(n * d, c, h, w)
+        x = F.interpolate(x, size=(h2, w2), mode="bilinear", align_corners=False, antialias=True)
+        t = x.reshape(n, d, c, h2, w2).transpose(1, 2)
+    if d != d2:
+        x = t.permute(0, 3, 1, 2, 4).reshape(n * h2, c, d, w2)
+        x = F.interpolate(x, size=(d2, w2), mode="bilinear", align_corners=False, antialias=True)
+        t = x.reshape(n, h2, c, d2, w2).permute(0, 2, 3, 1, 4)
+    return t.contiguous()
+
+
 def to_slices(
     volume: np.ndarray,
     mask: np.ndarray | None,
@@ -203,12 +228,16 @@ class ImagePreprocessor:
     slices : {"orthogonal", "adjacent"}
     n_slices : int
     slice_selection : {"mask", "all"}
-    size : (int, int)
-        Network input size (height, width).
+    size : (int, int) or (int, int, int)
+        Network input size (height, width), or (depth, height, width) for volumetric networks.
     in_chans : int
         Network input channels.
     mean, std : tuple of float
         Per-channel normalisation of the network (length ``in_chans``, or averaged to it).
+    volumetric : {"slices", "acs", "inflate"}, default="slices"
+        With ``mode="3d"``: ``"slices"`` makes every axial slice a 2-D network image; the
+        others give one ``(C, D, H, W)`` network input per volume (whole volume, no slice
+        selection) for a 3-D network.
     """
 
     mode: str
@@ -222,6 +251,12 @@ class ImagePreprocessor:
     in_chans: int
     mean: tuple
     std: tuple
+    volumetric: str = "slices"
+
+    @property
+    def is_volumetric(self) -> bool:
+        """Whether each sample is one volume input of a 3-D network."""
+        return self.mode == "3d" and getattr(self, "volumetric", "slices") != "slices"
 
     def key(self) -> tuple:
         """Everything that changes the network input, for cache keys."""
@@ -232,12 +267,12 @@ class ImagePreprocessor:
             tuple(float(p) for p in self.percentiles),
             self.slices if self.mode == "2.5d" else None,
             self.n_slices if self.mode == "2.5d" and self.slices == "adjacent" else None,
-            self.slice_selection if self.mode == "3d" else None,
+            self.slice_selection if self.mode == "3d" and not self.is_volumetric else None,
             tuple(self.size),
             int(self.in_chans),
             tuple(self.mean),
             tuple(self.std),
-        )
+        ) + ((self.volumetric,) if self.is_volumetric else ())
 
     # ------------------------------------------------------------------ per sample
     def scale(self, img: np.ndarray, raw_dtype=None) -> np.ndarray:
@@ -255,9 +290,13 @@ class ImagePreprocessor:
     def network_images(
         self, img: np.ndarray, mask: np.ndarray | None, raw_dtype=None
     ) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
-        """The scaled 2-D network images ``(h, w, c)`` of one sample and their masks."""
+        """The scaled network images of one sample and their masks.
+
+        2-D images ``(h, w, c)``; for a volumetric network, the one scaled volume
+        ``(d, h, w, c)`` with its mask.
+        """
         scaled = self.scale(img, raw_dtype)
-        if self.mode == "2d":
+        if self.mode == "2d" or self.is_volumetric:
             return [scaled], [mask]
         return to_slices(
             scaled,
@@ -271,9 +310,11 @@ class ImagePreprocessor:
     # ------------------------------------------------------------------ batches
     def _stack(self, imgs: list[np.ndarray]) -> torch.Tensor:
         arr = np.stack([np.asarray(im, dtype=np.float32) for im in imgs])
-        if arr.ndim == 3:
+        spatial = 3 if self.is_volumetric else 2
+        if arr.ndim == spatial + 1:
             arr = arr[..., None]
-        t = torch.from_numpy(arr).permute(0, 3, 1, 2)
+        t = torch.from_numpy(arr)
+        t = t.permute(0, 4, 1, 2, 3) if spatial == 3 else t.permute(0, 3, 1, 2)
         c = t.shape[1]
         if c != self.in_chans and c != 1 and self.in_chans != 1:
             raise ValueError(
@@ -283,7 +324,10 @@ class ImagePreprocessor:
             )
         if self.in_chans == 1 and c != 1:
             t = t.mean(dim=1, keepdim=True)
-        if tuple(t.shape[2:]) != tuple(self.size):
+        if spatial == 3:
+            if tuple(t.shape[2:]) != tuple(self.size):
+                t = resize_volumes(t, self.size)
+        elif tuple(t.shape[2:]) != tuple(self.size):
             t = F.interpolate(
                 t.contiguous(),
                 size=self.size,
@@ -292,13 +336,14 @@ class ImagePreprocessor:
                 antialias=True,
             )
         if t.shape[1] != self.in_chans:
-            t = t.expand(-1, self.in_chans, -1, -1)
+            t = t.expand(-1, self.in_chans, *t.shape[2:])
         return t
 
     def _stack_masks(self, imgs, masks) -> torch.Tensor:
         ms = []
+        spatial = 3 if self.is_volumetric else 2
         for img, m in zip(imgs, masks):
-            hw = np.shape(img)[:2]
+            hw = np.shape(img)[:spatial]
             ms.append(np.ones(hw, dtype=np.float32) if m is None else np.asarray(m, np.float32))
         mt = torch.from_numpy(np.stack(ms))[:, None]
         if tuple(mt.shape[2:]) != tuple(self.size):
@@ -310,9 +355,10 @@ class ImagePreprocessor:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalised NCHW float32 batch of scaled 2-D images, and their resized masks.
 
-        Images of one shape are resized together; a batch of mixed shapes is resized in groups
-        of equal shape. Masks (``None`` entries: the whole image) are area-averaged onto the
-        same grid, giving the fraction of each input pixel inside the mask.
+        For a volumetric network: the NCDHW batch of scaled volumes. Images of one shape are
+        resized together; a batch of mixed shapes is resized in groups of equal shape. Masks
+        (``None`` entries: the whole image) are area-averaged onto the same grid, giving the
+        fraction of each input pixel inside the mask.
         """
         imgs = list(imgs)
         groups: dict[tuple, list[int]] = {}
@@ -324,8 +370,9 @@ class ImagePreprocessor:
             x = torch.empty((len(imgs), self.in_chans, *self.size), dtype=torch.float32)
             for rows in groups.values():
                 x[rows] = self._stack([imgs[i] for i in rows])
-        mean_t = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std_t = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        mean_t = torch.tensor(self.mean, dtype=torch.float32).view(view)
+        std_t = torch.tensor(self.std, dtype=torch.float32).view(view)
         if mean_t.shape[1] != self.in_chans:
             mean_t = mean_t.mean(1, keepdim=True)
             std_t = std_t.mean(1, keepdim=True)
@@ -346,7 +393,8 @@ class ImagePreprocessor:
         """Yield ``(x, m, owners)`` batches of network images for the samples ``rows``.
 
         ``data`` is an :class:`~skrtl._imaging.ImageInput`; ``owners[j]`` is the sample of
-        network image ``j`` (volumes in 3-D mode give several images). Only one batch of
+        network image ``j`` (volumes in slice-wise 3-D mode give several images, volumes of
+        a volumetric network one). Only one batch of
         network inputs is held in memory at a time.
         """
         imgs_b: list = []

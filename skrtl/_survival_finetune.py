@@ -351,10 +351,15 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
         ``docs/benchmarks.md`` gives the measured speed and accuracy; fp32 is the default.
     num_workers : int, default=0
         Worker processes of the training DataLoader; results do not depend on it.
-    input_size : int or (int, int), default=96
+    input_size : int, (int, int), (int, int, int) or "auto", default="auto"
+        ``"auto"``: 96 for images, 64 (a 64^3 cube) for the volumes of a 3-D network.
     mode : {"2d", "2.5d", "3d"}, default="2d"
-        Input kind, as for the classifier; with ``"3d"`` every slice is a training image with
-        its volume's target, and predicted risks are averaged over the slices of a volume.
+        Input kind, as for the classifier; with slice-wise ``"3d"`` every slice is a training
+        image with its volume's target, and predicted risks are averaged over the slices of a
+        volume.
+    volumetric : {"slices", "acs", "inflate"}, default="slices"
+        How ``mode="3d"`` runs the network, as for the classifier: slice by slice, or a 3-D
+        network converted from the pretrained 2-D one (:func:`skrtl.convert_to_3d`).
     slices : {"orthogonal", "adjacent"}, default="orthogonal"
     n_slices : int, default=3
     intensity : {"auto", "window", "percentile", "minmax", "uint8", "none"}, default="auto"
@@ -387,7 +392,8 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
         Networks in the cross-fitted ensemble (each with its own validation fold, stratified
         on the event indicator); their risk scores are averaged. Use 1 for quick experiments.
     tta : bool, default=True
-        Average the risk of each image and of its horizontal mirror image.
+        Average the risk of each image and of its horizontal mirror image (a volume of a 3-D
+        network: its mirror images along the three axes).
     device : str, default="auto"
     random_state : int, RandomState instance or None, default=None
         Seeds the validation folds, the batches, dropout and augmentation (forked torch RNG).
@@ -444,6 +450,8 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
 
     _strata_name = "event status (censored, event)"
 
+    _AUTO_INPUT_SIZE = 96
+
     _parameter_constraints: dict = {
         **BaseFineTune._parameter_constraints,
         "ties": [StrOptions(set(_TIES))],
@@ -465,8 +473,9 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
         max_epochs=15,
         batch_size=64,
         num_workers=0,
-        input_size=96,
+        input_size="auto",
         mode="2d",
+        volumetric="slices",
         slices="orthogonal",
         n_slices=3,
         intensity="auto",
@@ -503,6 +512,7 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
         self.num_workers = num_workers
         self.input_size = input_size
         self.mode = mode
+        self.volumetric = volumetric
         self.slices = slices
         self.n_slices = n_slices
         self.intensity = intensity
@@ -606,7 +616,7 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
             windows=windows,
             sample_weight=sw,
         )
-        raw = self._forward_members(plan.X_img, plan.owner, n, _risk_output).mean(0)[:, 0]
+        raw = self._fit_outputs(plan, data, _risk_output).mean(0)[:, 0]
         w = sw
         self.risk_offset_ = float(np.average(raw, weights=w))
         risk = raw - self.risk_offset_

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ._backbone import get_transfer_layers, load_backbone, pretrained_backbone
+from ._volumetric import convert_to_3d
 
 __all__ = [
     "EnsembleModule",
@@ -30,7 +31,14 @@ __all__ = [
 
 
 def create_transfer_model(
-    name: str, *, pretrained: bool, weights, in_chans: int, n_out: int, drop_rate=None
+    name: str,
+    *,
+    pretrained: bool,
+    weights,
+    in_chans: int,
+    n_out: int,
+    drop_rate=None,
+    volumetric: str | None = None,
 ) -> nn.Module:
     """A timm classifier with a new zero-initialised ``n_out`` head on pretrained weights.
 
@@ -39,7 +47,23 @@ def create_transfer_model(
     search fold) starts again from the same pretrained state without reloading the file. A
     zero head makes the first epochs start from the pretrained features at the loss ``log C``.
     Creating the model draws from the torch generator of the caller (seed it first).
+    ``volumetric="acs"`` / ``"inflate"`` returns the 3-D network of the classifier
+    (:func:`~skrtl._volumetric.convert_to_3d`); ``None`` or ``"slices"`` the 2-D one.
     """
+    model = _create_2d_transfer_model(
+        name,
+        pretrained=pretrained,
+        weights=weights,
+        in_chans=in_chans,
+        n_out=n_out,
+        drop_rate=drop_rate,
+    )
+    if volumetric not in (None, "slices"):
+        model = convert_to_3d(model, volumetric, copy_model=False)
+    return model
+
+
+def _create_2d_transfer_model(name, *, pretrained, weights, in_chans, n_out, drop_rate):
     import timm
 
     extra = {} if drop_rate is None else {"drop_rate": float(drop_rate)}
@@ -210,6 +234,12 @@ def stage_list(model: nn.Module) -> list | None:
     if all(n in names for n in resnet):
         stages = [[model.conv1, model.bn1, model.act1, model.maxpool]]
         stages += [[getattr(model, f"layer{i}")] for i in range(1, 5)]
+        return stages
+    convnext = ("stem", "stages", "norm_pre", "head")
+    if all(n in names for n in convnext) and isinstance(model.stages, nn.Sequential):
+        stages = [[model.stem]]
+        stages += [[s] for s in model.stages]
+        stages.append([model.norm_pre])
         return stages
     return None
 
