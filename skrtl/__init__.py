@@ -18,6 +18,7 @@ from ._backbone import (
     get_transfer_layers,
     load_backbone,
 )
+from ._backends import InferenceBackendWarning, inference_backends
 from ._base import HarmonizationWarning
 from ._calibration import BiasCorrectedTemperatureScaling, TemperatureScaling, VectorScaling
 from ._cohort import (
@@ -136,6 +137,7 @@ __all__ = [
     "ImageReadError",
     "IntensityStandardizer",
     "IntensityWindow",
+    "InferenceBackendWarning",
     "KaplanMeierDisplay",
     "LabelShiftAdapter",
     "LabelShiftWarning",
@@ -182,6 +184,7 @@ __all__ = [
     "extract_cohort",
     "feature_cache_info",
     "get_transfer_layers",
+    "inference_backends",
     "integrated_brier_score",
     "is_lazy_frame",
     "iter_cases",

@@ -38,6 +38,13 @@ from ._backbone import (
     get_transfer_layers,
     pretrained_backbone,
 )
+from ._backends import (
+    BACKENDS,
+    BackendError,
+    InferenceBackendWarning,
+    build_backend_runner,
+    resolve_backend,
+)
 from ._base import BaseTorchImageEstimator, ImageEstimatorMixin, PassthroughMixin
 from ._imaging import ImageInput
 from ._inference import InferenceRunner, forward_features
@@ -162,7 +169,24 @@ class PretrainedCNNFeatures(
         Run the network through :func:`torch.compile` (with constant folding). The first
         call compiles for a while and recompiles after the BatchNorm statistics change; on
         CPUs it can be slower than the eager default (no micro-batches or fused
-        activations), so it is off by default. Only used for ``layers="final"``.
+        activations), so it is off by default. Only used for ``layers="final"`` and the torch
+        backend.
+    backend : {"auto", "torch", "openvino", "onnxruntime"}, default="auto"
+        What runs the network on the CPU. ``"auto"``: OpenVINO when the ``openvino`` package
+        is installed (``pip install 'skrtl[openvino]'``), the device is the CPU and
+        ``compile=False``; torch otherwise. ``"openvino"``: the network (with static paddings,
+        one output per requested feature map) is exported to ONNX and compiled by OpenVINO
+        for the fitted input size and precision, once per network state; ``"mixed"`` runs a
+        float32 head and a bfloat16 tail, as the torch path does, and the micro-batches of a
+        batch run on parallel streams. ``"onnxruntime"``: ONNX Runtime, float32 only
+        (``precision="auto"`` then means ``"fp32"``). ``"torch"``: skrtl's own inference
+        copy (:mod:`skrtl._inference`). Every compiled copy is checked against the float32
+        torch network when it is built (average-pooled feature maps of a probe image within
+        :data:`~skrtl._backends.BACKEND_TOLERANCE`); a failed export, compilation or check
+        falls back to torch with an :class:`~skrtl.InferenceBackendWarning`. Pooling (masked
+        or not) always runs in torch, so every ``layers`` / ``pooling`` combination works
+        with every backend. Features of different backends differ by float rounding, so the
+        feature caches keep them apart.
     cache : bool, default=True
         Look features up in (and store them into) the process-wide LRU cache, keyed by a hash
         of the image (and mask) content (the file identity for cohort files), every parameter
@@ -197,6 +221,9 @@ class PretrainedCNNFeatures(
     device_ : torch.device
     precision_ : str
         ``"mixed"``, ``"bf16"`` or ``"fp32"``.
+    backend_ : str
+        The resolved backend: ``"torch"``, ``"openvino"`` or ``"onnxruntime"`` (a backend
+        that fails to build falls back to torch with a warning at the first ``transform``).
     in_chans_ : int
         Network input channels (3, or the number of intensity channels when it is not 1 or 3).
     preprocessor_ : ImagePreprocessor
@@ -214,7 +241,10 @@ class PretrainedCNNFeatures(
     The network output does not depend on the training data: ``fit`` only loads the backbone
     and validates the input. Features are deterministic for a given device and precision.
     ``transform`` is safe to call from several threads at once (forward passes of one network
-    state are serialised by a lock; the feature cache is thread-safe).
+    state are serialised by a lock, for every backend; the feature cache is thread-safe).
+    Compiled OpenVINO / ONNX Runtime copies live in a process-wide cache and are never
+    pickled: an unpickled or cloned transformer rebuilds its copy at its first ``transform``
+    (as does each joblib worker process with ``n_jobs``).
     Masks, spacing and site labels travel in the image frame (:func:`skrtl.make_image_frame`),
     which survives :class:`~sklearn.pipeline.Pipeline`, cross-validation and grid search.
 
@@ -235,6 +265,7 @@ class PretrainedCNNFeatures(
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "precision": [StrOptions({"auto", "mixed", "bf16", "fp32"})],
         "compile": ["boolean"],
+        "backend": [StrOptions(set(BACKENDS))],
         "cache": ["boolean"],
         "cache_dir": [str, os.PathLike, None],
         "cache_size_mb": [Interval(Real, 0, None, closed="neither")],
@@ -264,6 +295,7 @@ class PretrainedCNNFeatures(
         device="auto",
         precision="auto",
         compile=False,
+        backend="auto",
         cache=True,
         cache_dir=None,
         cache_size_mb=2048,
@@ -290,6 +322,7 @@ class PretrainedCNNFeatures(
         self.device = device
         self.precision = precision
         self.compile = compile
+        self.backend = backend
         self.cache = cache
         self.cache_dir = cache_dir
         self.cache_size_mb = cache_size_mb
@@ -397,7 +430,10 @@ class PretrainedCNNFeatures(
         self._fit_passthrough(X)
         in_chans = self._network_in_chans(self._intensity_channels(windows, data))
         self.device_ = resolve_device(self.device)
-        self.precision_ = self._resolve_precision()
+        self.backend_ = resolve_backend(
+            self.backend, device=self.device_, precision=self.precision, compile=self.compile
+        )
+        self.precision_ = "fp32" if self.backend_ == "onnxruntime" else self._resolve_precision()
         model, fp, memo = pretrained_backbone(
             self.backbone, self.weights, self.pretrained, in_chans, self.device_
         )
@@ -479,6 +515,7 @@ class PretrainedCNNFeatures(
                 UserWarning,
                 stacklevel=3,
             )
+        backend = getattr(self, "backend_", "torch")
         key = (
             self._state_fingerprint(),
             str(self.device_),
@@ -487,8 +524,27 @@ class PretrainedCNNFeatures(
             self.in_chans_,
             self.input_size_,
             compiled,
+            backend,
+            torch.get_num_threads() if backend != "torch" else None,
         )
         runner = _RUNNER_CACHE.get(key)
+        if runner is None and backend != "torch":
+            try:
+                runner = build_backend_runner(
+                    backend,
+                    self.model_,
+                    layer_modules=self._layer_modules,
+                    in_chans=self.in_chans_,
+                    size=self.input_size_,
+                    precision=self.precision_,
+                )
+            except BackendError as exc:
+                warnings.warn(
+                    f"PretrainedCNNFeatures: backend={backend!r} could not be used ({exc}); "
+                    "falling back to the torch backend. Pass backend='torch' to silence this.",
+                    InferenceBackendWarning,
+                    stacklevel=3,
+                )
         if runner is None:
             runner = InferenceRunner(
                 self.model_,
@@ -502,6 +558,13 @@ class PretrainedCNNFeatures(
             _RUNNER_CACHE.put(key, runner)
         self._fast = runner
         return runner
+
+    def _effective_backend(self) -> str:
+        """The backend of the built inference copy (after any fallback), else ``backend_``."""
+        fast = getattr(self, "_fast", None)
+        if fast is not None:
+            return fast.backend
+        return getattr(self, "backend_", "torch")
 
     def _state_fingerprint(self) -> str:
         fp = getattr(self, "_fingerprint", None)
@@ -556,6 +619,7 @@ class PretrainedCNNFeatures(
             self.device_.type,
             self.precision_,
             bool(self.compile) and self._layer_modules == [""],
+            self._effective_backend(),
         )
         return hashlib.blake2b(repr(cfg).encode(), digest_size=16).digest()
 
@@ -596,26 +660,17 @@ class PretrainedCNNFeatures(
         n = len(data)
         width = len(self._cnn_names)
         out = np.zeros((n, width), dtype=np.float32)
-        todo = list(range(n))
-        keys = None
         disk = (
             None
             if self.cache_dir is None
             else open_disk_cache(self.cache_dir, max_mb=self.cache_size_mb)
         )
-        if self.cache or disk is not None:
-            keys = self._sample_keys(data, self._config_key())
-            todo = []
-            for i, key in enumerate(keys):
-                hit = _FEATURE_CACHE.get(key) if self.cache else None
-                if hit is None and disk is not None:
-                    hit = disk.get_array(key, dtype=np.float32, size=width)
-                    if hit is not None and self.cache:
-                        _FEATURE_CACHE.put(key, hit)
-                if hit is None:
-                    todo.append(i)
-                else:
-                    out[i] = hit
+        keys, todo = self._lookup(data, disk, out)
+        if todo and keys is not None and self._effective_backend() != "torch":
+            used = self._effective_backend()
+            self._get_fast()
+            if self._effective_backend() != used:  # fell back to torch: other cache keys
+                keys, todo = self._lookup(data, disk, out)
         if todo:
             if self.n_jobs in (None, 1) or len(todo) <= self.batch_size:
                 self._extract(data, todo, out)
@@ -628,6 +683,25 @@ class PretrainedCNNFeatures(
                     if disk is not None:
                         disk.put_array(keys[i], out[i])
         return self._with_passthrough(out, X, self._cnn_names)
+
+    def _lookup(self, data: ImageInput, disk, out: np.ndarray) -> tuple[list | None, list[int]]:
+        """Fill ``out`` with cached features: (keys or None without caches, rows to compute)."""
+        if not self.cache and disk is None:
+            return None, list(range(len(data)))
+        width = out.shape[1]
+        keys = self._sample_keys(data, self._config_key())
+        todo = []
+        for i, key in enumerate(keys):
+            hit = _FEATURE_CACHE.get(key) if self.cache else None
+            if hit is None and disk is not None:
+                hit = disk.get_array(key, dtype=np.float32, size=width)
+                if hit is not None and self.cache:
+                    _FEATURE_CACHE.put(key, hit)
+            if hit is None:
+                todo.append(i)
+            else:
+                out[i] = hit
+        return keys, todo
 
     def _extract_parallel(self, X, rows: list[int], out: np.ndarray) -> None:
         """Features of ``rows`` computed by joblib workers, a chunk of whole batches each.

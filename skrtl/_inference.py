@@ -357,6 +357,8 @@ class InferenceRunner:
         Run the final feature map through :func:`torch.compile`.
     """
 
+    backend = "torch"
+
     def __init__(self, model, *, layer_modules, in_chans, size, device, precision, compiled):
         self.layer_modules = list(layer_modules)
         self.device = device
