@@ -163,7 +163,7 @@ def _export_onnx(net: nn.Module, names: list[str], probe: torch.Tensor) -> bytes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _MapsModule(net, names),
+            _MapsModule(net, names).eval(),
             (probe,),
             buf,
             dynamo=False,

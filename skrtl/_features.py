@@ -598,9 +598,41 @@ class PretrainedCNNFeatures(
             outs.append(out)
         return torch.cat(outs, dim=1)
 
+    def _pool_numpy(self, fmap: np.ndarray, mask: torch.Tensor | None) -> np.ndarray:
+        """:meth:`_pool` in numpy, for the maps of a compiled backend.
+
+        numpy reduces these small maps on the calling thread; torch's thread pool would
+        compete with the backend's worker threads that are still spinning.
+        """
+        pools = ["avg", "max"] if self.pooling == "avgmax" else [self.pooling]
+        w = None
+        if mask is not None:
+            w = F.adaptive_avg_pool2d(mask.to(torch.float32), fmap.shape[2:]).numpy()
+            wsum = w.sum(axis=(2, 3))
+            if bool((wsum <= 0).any()):  # pragma: no cover - read_image_frame rejects these
+                raise ValueError("a mask is empty after resizing; masked pooling is undefined.")
+        outs = []
+        for pool in pools:
+            if pool == "avg":
+                out = fmap.mean(axis=(2, 3)) if w is None else (fmap * w).sum((2, 3)) / wsum
+            elif pool == "max":
+                src = fmap if w is None else np.where(w > 0, fmap, -np.inf)
+                out = src.max(axis=(2, 3))
+            else:  # gem
+                p = float(self.gem_p)
+                f = np.power(np.maximum(fmap, 1e-6), p)
+                mean = f.mean(axis=(2, 3)) if w is None else (f * w).sum((2, 3)) / wsum
+                out = np.power(mean, 1.0 / p)
+            outs.append(out.astype(np.float32, copy=False))
+        return np.concatenate(outs, axis=1)
+
     def _features_of_batch(self, x, m, fast: InferenceRunner) -> np.ndarray:
-        maps = fast(x, pad_to=self.batch_size)
         mask = m if (self.mask_pooling and m is not None) else None
+        if fast.backend != "torch":
+            maps_np = fast.run_numpy(x.detach().to("cpu", torch.float32).contiguous().numpy())
+            feats_np = [self._pool_numpy(fmap, mask) for fmap in maps_np]
+            return np.concatenate(feats_np, axis=1).astype(np.float32, copy=False)
+        maps = fast(x, pad_to=self.batch_size)
         feats = [self._pool(fmap, mask) for fmap in maps]
         return torch.cat(feats, dim=1).cpu().numpy().astype(np.float32, copy=False)
 
