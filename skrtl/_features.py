@@ -155,16 +155,18 @@ class PretrainedCNNFeatures(
         Network images per forward pass.
     device : str, default="auto"
         ``"auto"``: CUDA when available, else CPU.
-    precision : {"auto", "mixed", "fp32", "bf16"}, default="auto"
+    precision : {"auto", "mixed", "fp32", "bf16", "fp16"}, default="auto"
         ``"auto"``: ``"mixed"`` on CPUs with bfloat16 kernels (AVX512-BF16/AMX), else
-        ``"fp32"``. ``"mixed"``: the stem and the first block group run in float32, the rest
-        in bfloat16: faster than fp32 on such CPUs, with features close to fp32 (the measured
-        speed and accuracy are in ``docs/benchmarks.md``). ``"fp32"``: float32, numerically
-        the plain network (BatchNorm folding changes results by rounding only). ``"bf16"``:
-        the whole network in bfloat16 (autocast on CUDA); a little faster than ``"mixed"``,
-        but rounding the smooth activations of upsampled grey-level images in the first block
-        is amplified, which moves the features noticeably. Features are always returned as
-        float32.
+        ``"fp32"`` (also on CUDA). ``"mixed"``: the stem and the first block group run in
+        float32, the rest in bfloat16: faster than fp32 on such CPUs, with pooled features
+        within :data:`~skrtl._backends.BACKEND_TOLERANCE` ``["mixed"]`` (8 %, relative norm)
+        of fp32, whatever the backend (the measured speed and accuracy are in
+        ``docs/benchmarks.md``). ``"fp16"``: float16 autocast, CUDA only. ``"fp32"``:
+        float32, numerically the plain network (BatchNorm folding changes results by
+        rounding only). ``"bf16"``: the whole network in bfloat16 (autocast on CUDA); faster
+        than ``"mixed"``, but rounding the smooth activations of upsampled grey-level images
+        in the first block is amplified, which moves the features noticeably. Features are
+        always returned as float32.
     compile : bool, default=False
         Run the network through :func:`torch.compile` (with constant folding). The first
         call compiles for a while and recompiles after the BatchNorm statistics change; on
@@ -263,7 +265,7 @@ class PretrainedCNNFeatures(
         "gem_p": [Interval(Real, 0, None, closed="neither")],
         "mask_pooling": ["boolean"],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "precision": [StrOptions({"auto", "mixed", "bf16", "fp32"})],
+        "precision": [StrOptions({"auto", "mixed", "bf16", "fp16", "fp32"})],
         "compile": ["boolean"],
         "backend": [StrOptions(set(BACKENDS))],
         "cache": ["boolean"],
@@ -399,6 +401,12 @@ class PretrainedCNNFeatures(
         return max(called, key=order.__getitem__)
 
     def _resolve_precision(self) -> str:
+        if self.precision == "fp16" and self.device_.type != "cuda":
+            raise ValueError(
+                f"precision='fp16' is float16 autocast on CUDA, but device resolved to "
+                f"{str(self.device_)!r}; use precision='auto' (mixed fp32/bf16 on CPUs with "
+                "bfloat16 kernels) or 'fp32' on the CPU."
+            )
         if self.precision == "auto":
             mixed = self.device_.type == "cpu" and bf16_supported(self.device_)
             return "mixed" if mixed else "fp32"
