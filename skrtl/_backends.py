@@ -206,7 +206,8 @@ class _CompiledRunner:
 
     def run_numpy(self, x: np.ndarray) -> list[np.ndarray]:
         """The requested maps of the float32 NCHW batch ``x``, as numpy arrays."""
-        step = self.micro_batch
+        # a small batch is still spread over every stream
+        step = max(1, min(self.micro_batch, -(-x.shape[0] // self.n_streams)))
         parts = [x[i : i + step] for i in range(0, x.shape[0], step)]
         with self.lock:
             slots = self._slots()
