@@ -69,7 +69,8 @@ def backend_available(name: str) -> bool:
     """Whether the package of backend ``name`` is installed (``"torch"`` always is)."""
     if name == "torch":
         return True
-    return importlib.util.find_spec(_PACKAGES[name]) is not None
+    # the network reaches both backends through torch.onnx.export, which needs onnx
+    return all(importlib.util.find_spec(p) is not None for p in (_PACKAGES[name], "onnx"))
 
 
 def inference_backends() -> dict[str, bool]:
@@ -100,8 +101,9 @@ def resolve_backend(backend: str, *, device: torch.device, precision: str, compi
         return backend
     if not backend_available(backend):
         raise ValueError(
-            f"backend={backend!r} needs the {_PACKAGES[backend]!r} package, which is not "
-            f"installed: pip install 'skrtl[{backend}]', or use backend='auto' or 'torch'."
+            f"backend={backend!r} needs the {_PACKAGES[backend]!r} and 'onnx' packages, which "
+            f"are not both installed: pip install 'skrtl[{backend}]', or use backend='auto' or "
+            "'torch'."
         )
     if device.type != "cpu":
         raise ValueError(

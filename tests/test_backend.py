@@ -138,7 +138,7 @@ def test_backend_runner_is_safe_from_threads():
 def test_explicit_backend_errors_name_the_parameter(monkeypatch):
     X, _, _ = blob_images(n=2)
     monkeypatch.setattr(backends, "backend_available", lambda name: name == "torch")
-    with pytest.raises(ValueError, match=r"backend='openvino' needs the 'openvino' package"):
+    with pytest.raises(ValueError, match=r"backend='openvino' needs the 'openvino' and 'onnx'"):
         PretrainedCNNFeatures(input_size=32, backend="openvino").fit(X)
     # without the package, "auto" quietly means torch
     with warnings.catch_warnings():
