@@ -262,7 +262,317 @@ def bench_memory(ns: list[int], input_size: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-SECTIONS = ("speed", "probe", "cache", "memory")
+# issue 20: skrtl against plain timm, ONNX Runtime and OpenVINO, side by side
+# --------------------------------------------------------------------------------------------
+class _Paths:
+    """Every extraction path of the comparison: raw uint8 images in, pooled features out.
+
+    The baseline paths get the same network inputs as skrtl (uint8 / 255, bilinear antialiased
+    resize, the backbone's normalisation, batched torch preprocessing included in the timing)
+    and pool the final feature map by its mean, which is what ``PretrainedCNNFeatures()``
+    returns. ONNX Runtime and OpenVINO get the plain timm network exported with
+    ``torch.onnx.export`` and their documented defaults plus the thread count.
+    """
+
+    def __init__(self, size: int, threads: int):
+        import warnings
+
+        import torch
+
+        from skrtl import backbone_data_config, load_backbone
+
+        self.size = size
+        self.threads = threads
+        self.model = load_backbone().eval()
+        cfg = backbone_data_config(self.model)
+        self.mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+        self.build_s: dict = {}
+        self._onnx = None
+        self._ort = None
+        self._ov: dict = {}
+        self._skrtl: dict = {}
+        warnings.filterwarnings("ignore", module="torch.onnx")
+
+    def prep(self, X):
+        import torch
+        import torch.nn.functional as F
+
+        x = torch.from_numpy(X.astype(np.float32) / 255.0)[:, None]
+        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
+        return ((x.expand(-1, 3, -1, -1) - self.mean) / self.std).contiguous()
+
+    def plain(self, X, bs):
+        import torch
+
+        outs = []
+        with torch.no_grad():
+            for i in range(0, len(X), bs):
+                outs.append(self.model.forward_features(self.prep(X[i : i + bs])).mean((2, 3)))
+        return torch.cat(outs).numpy()
+
+    def onnx(self):
+        if self._onnx is None:
+            import io
+            import warnings
+
+            import torch
+
+            class Final(torch.nn.Module):
+                def __init__(self, m):
+                    super().__init__()
+                    self.m = m
+
+                def forward(self, x):
+                    return self.m.forward_features(x)
+
+            buf = io.BytesIO()
+            with Stopwatch() as sw, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    Final(self.model).eval(),
+                    (self.prep(np.zeros((2, 28, 28), np.uint8)),),
+                    buf,
+                    dynamo=False,
+                    input_names=["x"],
+                    dynamic_axes={"x": {0: "n"}},
+                    opset_version=17,
+                )
+            self.model.eval()  # the exporter restores the wrapper's mode on the network
+            self.build_s["onnx_export"] = round(sw.seconds, 2)
+            self._onnx = buf.getvalue()
+        return self._onnx
+
+    def ort(self, X, bs):
+        if self._ort is None:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = self.threads
+            self._ort = ort.InferenceSession(self.onnx(), opts, providers=["CPUExecutionProvider"])
+        outs = []
+        for i in range(0, len(X), bs):
+            x = self.prep(X[i : i + bs]).numpy()
+            outs.append(self._ort.run(None, {"x": x})[0].mean((2, 3)))
+        return np.concatenate(outs)
+
+    def ov(self, X, bs, precision, streams=None):
+        key = (precision, streams)
+        if key not in self._ov:
+            import openvino as ov
+
+            core = ov.Core()
+            props = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": self.threads}
+            if streams:
+                props.update({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams})
+            with Stopwatch() as sw:
+                compiled = core.compile_model(core.read_model(self.onnx()), "CPU", props)
+            self.build_s[f"openvino_{precision}_compile"] = round(sw.seconds, 2)
+            self._ov[key] = compiled
+        compiled = self._ov[key]
+        if streams:  # the documented throughput pattern: an asynchronous queue
+            import openvino as ov
+
+            res: dict = {}
+            q = ov.AsyncInferQueue(compiled, streams)
+            q.set_callback(
+                lambda r, j: res.__setitem__(j, r.get_output_tensor(0).data.mean((2, 3)))
+            )
+            for j, i in enumerate(range(0, len(X), bs)):
+                q.start_async({0: self.prep(X[i : i + bs]).numpy()}, j)
+            q.wait_all()
+            return np.concatenate([res[j] for j in range(len(res))])
+        req = compiled.create_infer_request()
+        outs = []
+        for i in range(0, len(X), bs):
+            outs.append(req.infer({0: self.prep(X[i : i + bs]).numpy()})[0].mean((2, 3)))
+        return np.concatenate(outs)
+
+    def skrtl(self, X, bs, **params):
+        from skrtl import PretrainedCNNFeatures
+
+        key = (bs, tuple(sorted(params.items())))
+        if key not in self._skrtl:
+            fe = PretrainedCNNFeatures(input_size=self.size, batch_size=bs, cache=False, **params)
+            fe.fit(X[:2])
+            with Stopwatch() as sw:
+                fe.transform(X[:2])  # builds the inference copy (export + compile)
+            self.build_s[f"skrtl_{fe.backend_}_{fe.precision_}_build"] = round(sw.seconds, 2)
+            self._skrtl[key] = fe
+        return self._skrtl[key].transform(X)
+
+    def funcs(self, X, bs, which) -> dict:
+        all_paths = {
+            "plain_timm_fp32": lambda: self.plain(X, bs),
+            "skrtl_torch_fp32": lambda: self.skrtl(X, bs, backend="torch", precision="fp32"),
+            "skrtl_torch_mixed": lambda: self.skrtl(X, bs, backend="torch"),
+            "onnxruntime_fp32": lambda: self.ort(X, bs),
+            "openvino_fp32": lambda: self.ov(X, bs, "f32"),
+            "openvino_bf16": lambda: self.ov(X, bs, "bf16"),
+            "openvino_bf16_2streams": lambda: self.ov(X, bs, "bf16", streams=self.threads),
+            "skrtl_openvino_fp32": lambda: self.skrtl(X, bs, backend="openvino", precision="fp32"),
+            "skrtl_openvino_bf16": lambda: self.skrtl(X, bs, backend="openvino", precision="bf16"),
+            "skrtl_default": lambda: self.skrtl(X, bs),
+        }
+        return {k: all_paths[k] for k in which}
+
+
+#: the paths a user could pick instead of skrtl's default (the "fastest of" of issue 20)
+_BASELINES = (
+    "plain_timm_fp32",
+    "skrtl_torch_fp32",
+    "skrtl_torch_mixed",
+    "onnxruntime_fp32",
+    "openvino_fp32",
+    "openvino_bf16",
+)
+_ALL_PATHS = _BASELINES + (
+    "openvino_bf16_2streams",
+    "skrtl_openvino_fp32",
+    "skrtl_openvino_bf16",
+    "skrtl_default",
+)
+
+
+def _diffs(feats: dict, ref: np.ndarray) -> dict:
+    out = {}
+    scale = float(np.abs(ref).max())
+    for key, f in feats.items():
+        d = np.abs(np.asarray(f, dtype=np.float64) - ref)
+        out[key] = {
+            "max_abs_diff": float(f"{d.max():.3g}"),
+            "max_rel_diff": float(f"{d.max() / scale:.3g}"),
+            "rel_norm_diff": float(f"{np.linalg.norm(d) / np.linalg.norm(ref):.3g}"),
+        }
+    return out
+
+
+def bench_backends(X, *, sizes, batch_sizes, repeats: int, threads: int) -> dict:
+    """img/s of every path per input size (batch 32) and per batch size (largest input)."""
+    import os
+
+    grid = []
+    builds = {}
+    for size in sizes:
+        paths = _Paths(size, threads)
+        plain_feats = plain_rate = None
+        configs = [(size, 32, _ALL_PATHS)]
+        if size == max(sizes):
+            # the plain loop's rate does not depend on the batch size: timed at batch 32 only
+            sweep = ("skrtl_torch_mixed", "openvino_fp32", "openvino_bf16", "skrtl_default")
+            configs += [(size, bs, sweep) for bs in batch_sizes if bs != 32]
+        for size_, bs, which in configs:
+            for f in paths.funcs(X[:8], bs, which).values():  # build every runner first
+                f()
+            funcs = paths.funcs(X, bs, which)
+            load = os.getloadavg()[0]
+            seconds, feats = alternate(funcs, repeats)
+            ref = plain_feats = feats.get("plain_timm_fp32", plain_feats)
+            rates = {k: [len(X) / s for s in v] for k, v in seconds.items()}
+            best = {k: max(v) for k, v in rates.items()}
+            if "plain_timm_fp32" in best:
+                plain_rate = best["plain_timm_fp32"]  # the batch sweep reuses this one
+            row = {
+                "input_size": size_,
+                "batch_size": bs,
+                "load_average_1min": round(load, 2),
+                "img_per_s": {k: round(v, 1) for k, v in best.items()},
+                "img_per_s_runs": {k: [round(r, 1) for r in v] for k, v in rates.items()},
+                "vs_plain": {k: round(v / plain_rate, 2) for k, v in best.items()},
+                "feature_diff_vs_fp32": _diffs(feats, ref),
+            }
+            base = [k for k in _BASELINES if k in best]
+            fastest = max(base, key=best.__getitem__)
+            paired = [
+                float(np.median([d / o for d, o in zip(rates["skrtl_default"], rates[k])]))
+                for k in base
+            ]
+            row["fastest_baseline"] = fastest
+            row["default_vs_fastest_baseline"] = round(best["skrtl_default"] / best[fastest], 3)
+            row["default_vs_baselines_paired_median"] = {
+                k: round(v, 3) for k, v in zip(base, paired)
+            }
+            print(json.dumps(row), flush=True)
+            grid.append(row)
+        builds[str(size)] = paths.build_s
+    head = next(r for r in grid if r["input_size"] == max(sizes) and r["batch_size"] == 32)
+    flat = {f"{k}_img_per_s": v for k, v in head["img_per_s"].items()}
+    flat.update({f"{k}_vs_plain": v for k, v in head["vs_plain"].items()})
+    flat["fastest_baseline"] = head["fastest_baseline"]
+    flat["default_vs_fastest_baseline"] = head["default_vs_fastest_baseline"]
+    for r in grid:
+        if r["batch_size"] == 32:
+            flat[f"default_vs_fastest_baseline_{r['input_size']}px"] = r[
+                "default_vs_fastest_baseline"
+            ]
+    for k in ("skrtl_default", "openvino_bf16", "skrtl_torch_mixed"):
+        flat[f"{k}_rel_norm_diff"] = head["feature_diff_vs_fp32"][k]["rel_norm_diff"]
+    return {
+        "issue": 20,
+        "n_images": len(X),
+        "threads": threads,
+        "repeats": repeats,
+        "headline_input_size": max(sizes),
+        **flat,
+        "grid": grid,
+        "build_s": builds,
+    }
+
+
+def bench_backend_probe(X, y, *, input_size: int, threads: int, seed: int = 0) -> dict:
+    """BreastMNIST linear-probe CV AUC (train + val only) of the features of every path."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import RepeatedStratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    paths = _Paths(input_size, threads)
+    keys = (
+        "plain_timm_fp32",
+        "skrtl_torch_fp32",
+        "skrtl_torch_mixed",
+        "onnxruntime_fp32",
+        "openvino_fp32",
+        "openvino_bf16",
+        "skrtl_openvino_fp32",
+        "skrtl_default",
+    )
+    feats = {k: f() for k, f in paths.funcs(X, 32, keys).items()}
+    Cs = np.logspace(-4, 0, 9)
+    cv = RepeatedStratifiedKFold(n_splits=5, n_repeats=3, random_state=seed)
+    aucs: dict = {k: [] for k in keys}
+    for C in Cs:
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=3000))
+        for k in keys:
+            scores = cross_val_score(probe, feats[k], y, cv=cv, scoring="roc_auc")
+            aucs[k].append(float(scores.mean()))
+    ref = "plain_timm_fp32"
+    best = int(np.argmax(aucs[ref]))
+    out: dict = {
+        "n_images": len(X),
+        "input_size": input_size,
+        "cv": "3 x 5-fold stratified, train + val",
+        "C_grid": [float(f"{c:.3g}") for c in Cs],
+        "C_best_fp32": float(f"{Cs[best]:.3g}"),
+        "feature_diff_vs_fp32": _diffs(feats, feats[ref]),
+        "cv_auc_at_best_C": {k: round(v[best], 4) for k, v in aucs.items()},
+        "cv_auc_minus_fp32_at_best_C": {
+            k: round(v[best] - aucs[ref][best], 4) for k, v in aucs.items()
+        },
+        "max_abs_cv_auc_diff_over_C": {
+            k: round(float(np.max(np.abs(np.subtract(v, aucs[ref])))), 4) for k, v in aucs.items()
+        },
+        "cv_auc_over_C": {k: [round(a, 4) for a in v] for k, v in aucs.items()},
+    }
+    for k in keys:
+        out[f"cv_auc_{k}"] = out["cv_auc_at_best_C"][k]
+        out[f"cv_auc_diff_{k}"] = out["cv_auc_minus_fp32_at_best_C"][k]
+        out[f"max_abs_cv_auc_diff_over_C_{k}"] = out["max_abs_cv_auc_diff_over_C"][k]
+    return {"issue": 20, **out}
+
+
+# --------------------------------------------------------------------------------------------
+SECTIONS = ("speed", "probe", "cache", "memory", "backends", "backend_probe")
 # (printed label, section, key): the rows of the printed table and the summary; a label may
 # name other values of its section, e.g. {n_images}
 SUMMARY = (
@@ -286,6 +596,33 @@ SUMMARY = (
     ("cache speed-up", "cache", "speedup"),
     ("peak RSS growth n->16n (MiB)", "memory", "peak_growth_mib"),
     ("output matrix growth (MiB)", "memory", "output_matrix_growth_mib"),
+    *(
+        (f"{{headline_input_size}} px, {k} / plain timm fp32", "backends", f"{k}_vs_plain")
+        for k in (
+            "skrtl_torch_fp32",
+            "skrtl_torch_mixed",
+            "onnxruntime_fp32",
+            "openvino_fp32",
+            "openvino_bf16",
+            "openvino_bf16_2streams",
+            "skrtl_openvino_fp32",
+            "skrtl_openvino_bf16",
+            "skrtl_default",
+        )
+    ),
+    ("fastest baseline (issue 20)", "backends", "fastest_baseline"),
+    ("skrtl default / fastest baseline", "backends", "default_vs_fastest_baseline"),
+    ("  at 96 px", "backends", "default_vs_fastest_baseline_96px"),
+    ("  at 128 px", "backends", "default_vs_fastest_baseline_128px"),
+    ("  at 224 px", "backends", "default_vs_fastest_baseline_224px"),
+    ("features vs fp32, skrtl default (rel norm)", "backends", "skrtl_default_rel_norm_diff"),
+    ("features vs fp32, OpenVINO bf16 (rel norm)", "backends", "openvino_bf16_rel_norm_diff"),
+    ("probe CV AUC plain fp32", "backend_probe", "cv_auc_plain_timm_fp32"),
+    ("probe CV AUC diff skrtl default", "backend_probe", "cv_auc_diff_skrtl_default"),
+    ("  max over C", "backend_probe", "max_abs_cv_auc_diff_over_C_skrtl_default"),
+    ("probe CV AUC diff skrtl torch mixed", "backend_probe", "cv_auc_diff_skrtl_torch_mixed"),
+    ("probe CV AUC diff OpenVINO bf16", "backend_probe", "cv_auc_diff_openvino_bf16"),
+    ("  max over C", "backend_probe", "max_abs_cv_auc_diff_over_C_openvino_bf16"),
 )
 
 
@@ -312,6 +649,13 @@ def _targets(rows) -> dict:
         t["abs_auc_diff_bf16<0.005"] = sections["probe"]["abs_auc_diff_bf16"] < 0.005
     if "cache" in sections:
         t["cache_speedup>=20"] = sections["cache"]["speedup"] >= 20
+    if "backends" in sections:
+        t["default_vs_fastest_baseline>=1"] = (
+            sections["backends"]["default_vs_fastest_baseline"] >= 1.0
+        )
+    if "backend_probe" in sections:
+        bp = sections["backend_probe"]
+        t["probe_cv_auc_diff_default<=0.005"] = abs(bp["cv_auc_diff_skrtl_default"]) <= 0.005
     return t
 
 
@@ -358,6 +702,9 @@ def main(argv=None) -> dict:
     probe_size = 64 if quick else 224
     n_cache = args.n_cache or (30 if quick else 64)
     memory_ns = [16, 256] if quick else [32, 512]
+    import torch
+
+    threads = torch.get_num_threads()
     config = {
         "data": "breastmnist.npz",
         "sections": sections,
@@ -371,6 +718,13 @@ def main(argv=None) -> dict:
         "cache_input_size": probe_size,
         "memory_n_images": memory_ns,
         "memory_input_size": probe_size,
+        "backends_n_images": 32 if quick else 256,
+        "backends_input_sizes": [64, 96] if quick else [96, 128, 224],
+        "backends_batch_sizes": [8, 32] if quick else [8, 32, 128],
+        "backends_repeats": 2 if quick else 3,
+        "backends_threads": threads,
+        "backend_probe_n_images": 120 if quick else None,
+        "backend_probe_input_size": 64 if quick else 224,
     }
     notes = [
         "all speed variants are timed alternately in one run: the ratios are the meaningful "
@@ -380,7 +734,11 @@ def main(argv=None) -> dict:
     if args.merge and bench.out.is_file():
         earlier = read_result(bench.out)
         rows = _by_section(earlier["results"])
-        rerun = {k: v for k, v in config.items() if k.split("_")[0] in sections}
+        rerun = {
+            k: v
+            for k, v in config.items()
+            if any(k == s or k.startswith(f"{s}_") for s in sections)
+        }
         config = {**earlier["config"], **rerun}
         config["sections"] = [s for s in SECTIONS if s in rows or s in sections]
         notes = earlier["notes"] + [
@@ -420,6 +778,31 @@ def main(argv=None) -> dict:
     if "memory" in sections:
         print("== peak memory ==", flush=True)
         record("memory", bench_memory(memory_ns, probe_size))
+
+    if "backends" in sections:
+        print("== backends: timm, ONNX Runtime, OpenVINO and skrtl (issue 20) ==", flush=True)
+        record(
+            "backends",
+            bench_backends(
+                X_train[: config["backends_n_images"]],
+                sizes=config["backends_input_sizes"],
+                batch_sizes=config["backends_batch_sizes"],
+                repeats=config["backends_repeats"],
+                threads=threads,
+            ),
+        )
+    if "backend_probe" in sections:
+        print("== backend probe: CV AUC of every path's features (train + val) ==", flush=True)
+        Xp, yp = pooled(splits, "train", "val")
+        n_probe = config["backend_probe_n_images"]
+        if n_probe:
+            Xp, yp = Xp[:n_probe], yp[:n_probe]
+        record(
+            "backend_probe",
+            bench_backend_probe(
+                Xp, yp, input_size=config["backend_probe_input_size"], threads=threads
+            ),
+        )
 
     ordered = [rows[s] for s in SECTIONS if s in rows]
     print("\n| metric | value |\n|---|---|")

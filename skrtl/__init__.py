@@ -19,6 +19,7 @@ from ._backbone import (
     get_transfer_layers,
     load_backbone,
 )
+from ._backends import InferenceBackendWarning, inference_backends
 from ._base import HarmonizationWarning
 from ._calibration import BiasCorrectedTemperatureScaling, TemperatureScaling, VectorScaling
 from ._cohort import (
@@ -160,6 +161,7 @@ __all__ = [
     "ImageReadError",
     "IntensityStandardizer",
     "IntensityWindow",
+    "InferenceBackendWarning",
     "KaplanMeierDisplay",
     "LabelShiftAdapter",
     "LabelShiftWarning",
@@ -214,6 +216,7 @@ __all__ = [
     "extract_cohort",
     "feature_cache_info",
     "get_transfer_layers",
+    "inference_backends",
     "integrated_brier_score",
     "is_lazy_frame",
     "iter_cases",

@@ -41,6 +41,13 @@ from ._backbone import (
     get_transfer_layers,
     pretrained_backbone,
 )
+from ._backends import (
+    BACKENDS,
+    BackendError,
+    InferenceBackendWarning,
+    build_backend_runner,
+    resolve_backend,
+)
 from ._base import BaseTorchImageEstimator, ImageEstimatorMixin, PassthroughMixin
 from ._imaging import ImageInput
 from ._inference import InferenceRunner, forward_features
@@ -164,21 +171,41 @@ class PretrainedCNNFeatures(
         Network images per forward pass.
     device : str, default="auto"
         ``"auto"``: CUDA when available, else CPU.
-    precision : {"auto", "mixed", "fp32", "bf16"}, default="auto"
+    precision : {"auto", "mixed", "fp32", "bf16", "fp16"}, default="auto"
         ``"auto"``: ``"mixed"`` on CPUs with bfloat16 kernels (AVX512-BF16/AMX), else
-        ``"fp32"``. ``"mixed"``: the stem and the first block group run in float32, the rest
-        in bfloat16: faster than fp32 on such CPUs, with features close to fp32 (the measured
-        speed and accuracy are in ``docs/benchmarks.md``). ``"fp32"``: float32, numerically
-        the plain network (BatchNorm folding changes results by rounding only). ``"bf16"``:
-        the whole network in bfloat16 (autocast on CUDA); a little faster than ``"mixed"``,
-        but rounding the smooth activations of upsampled grey-level images in the first block
-        is amplified, which moves the features noticeably. Features are always returned as
-        float32. Volumetric networks use the same three settings (``"bf16"`` by autocast).
+        ``"fp32"`` (also on CUDA). ``"mixed"``: the stem and the first block group run in
+        float32, the rest in bfloat16: faster than fp32 on such CPUs, with pooled features
+        within :data:`~skrtl._backends.BACKEND_TOLERANCE` ``["mixed"]`` (8 %, relative norm)
+        of fp32, whatever the backend (the measured speed and accuracy are in
+        ``docs/benchmarks.md``). ``"fp16"``: float16 autocast, CUDA only. ``"fp32"``:
+        float32, numerically the plain network (BatchNorm folding changes results by
+        rounding only). ``"bf16"``: the whole network in bfloat16 (autocast on CUDA); faster
+        than ``"mixed"``, but rounding the smooth activations of upsampled grey-level images
+        in the first block is amplified, which moves the features noticeably. Features are
+        always returned as float32. Volumetric networks use
+        ``"fp32"``, ``"mixed"`` and ``"bf16"`` (by autocast).
     compile : bool, default=False
         Run the network through :func:`torch.compile` (with constant folding). The first
         call compiles for a while and recompiles after the BatchNorm statistics change; on
         CPUs it can be slower than the eager default (no micro-batches or fused
-        activations), so it is off by default. Only used for ``layers="final"``.
+        activations), so it is off by default. Only used for ``layers="final"`` and the torch
+        backend.
+    backend : {"torch", "auto", "openvino", "onnxruntime"}, default="torch"
+        What runs the network on the CPU. ``"torch"`` (default): skrtl's own inference copy
+        (:mod:`skrtl._inference`). ``"auto"``: OpenVINO when the ``openvino`` package
+        is installed (``pip install 'skrtl[openvino]'``), the device is the CPU and
+        ``compile=False``; torch otherwise. ``"openvino"``: the network (with static paddings,
+        one output per requested feature map) is exported to ONNX and compiled by OpenVINO
+        for the fitted input size and precision, once per network state; ``"mixed"`` runs a
+        float32 head and a bfloat16 tail, as the torch path does, and the micro-batches of a
+        batch run on parallel streams. ``"onnxruntime"``: ONNX Runtime, float32 only
+        (``precision="auto"`` then means ``"fp32"``). Every compiled copy is checked against
+        the float32 torch network when it is built (average-pooled feature maps of a probe image within
+        :data:`~skrtl._backends.BACKEND_TOLERANCE`); a failed export, compilation or check
+        falls back to torch with an :class:`~skrtl.InferenceBackendWarning`. Pooling (masked
+        or not) always runs in torch, so every ``layers`` / ``pooling`` combination works
+        with every backend. Features of different backends differ by float rounding, so the
+        feature caches keep them apart.
     cache : bool, default=True
         Look features up in (and store them into) the process-wide LRU cache, keyed by a hash
         of the image (and mask) content (the file identity for cohort files), every parameter
@@ -213,6 +240,9 @@ class PretrainedCNNFeatures(
     device_ : torch.device
     precision_ : str
         ``"mixed"``, ``"bf16"`` or ``"fp32"``.
+    backend_ : str
+        The resolved backend: ``"torch"``, ``"openvino"`` or ``"onnxruntime"`` (a backend
+        that fails to build falls back to torch with a warning at the first ``transform``).
     in_chans_ : int
         Network input channels (3, or the number of intensity channels when it is not 1 or 3).
     preprocessor_ : ImagePreprocessor
@@ -233,7 +263,10 @@ class PretrainedCNNFeatures(
     The network output does not depend on the training data: ``fit`` only loads the backbone
     and validates the input. Features are deterministic for a given device and precision.
     ``transform`` is safe to call from several threads at once (forward passes of one network
-    state are serialised by a lock; the feature cache is thread-safe).
+    state are serialised by a lock, for every backend; the feature cache is thread-safe).
+    Compiled OpenVINO / ONNX Runtime copies live in a process-wide cache and are never
+    pickled: an unpickled or cloned transformer rebuilds its copy at its first ``transform``
+    (as does each joblib worker process with ``n_jobs``).
     Masks, spacing and site labels travel in the image frame (:func:`skrtl.make_image_frame`),
     which survives :class:`~sklearn.pipeline.Pipeline`, cross-validation and grid search.
 
@@ -252,8 +285,9 @@ class PretrainedCNNFeatures(
         "gem_p": [Interval(Real, 0, None, closed="neither")],
         "mask_pooling": ["boolean"],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "precision": [StrOptions({"auto", "mixed", "bf16", "fp32"})],
+        "precision": [StrOptions({"auto", "mixed", "bf16", "fp16", "fp32"})],
         "compile": ["boolean"],
+        "backend": [StrOptions(set(BACKENDS))],
         "cache": ["boolean"],
         "cache_dir": [str, os.PathLike, None],
         "cache_size_mb": [Interval(Real, 0, None, closed="neither")],
@@ -284,6 +318,7 @@ class PretrainedCNNFeatures(
         device="auto",
         precision="auto",
         compile=False,
+        backend="torch",
         cache=True,
         cache_dir=None,
         cache_size_mb=2048,
@@ -311,6 +346,7 @@ class PretrainedCNNFeatures(
         self.device = device
         self.precision = precision
         self.compile = compile
+        self.backend = backend
         self.cache = cache
         self.cache_dir = cache_dir
         self.cache_size_mb = cache_size_mb
@@ -387,6 +423,12 @@ class PretrainedCNNFeatures(
         return max(called, key=order.__getitem__)
 
     def _resolve_precision(self) -> str:
+        if self.precision == "fp16" and self.device_.type != "cuda":
+            raise ValueError(
+                f"precision='fp16' is float16 autocast on CUDA, but device resolved to "
+                f"{str(self.device_)!r}; use precision='auto' (mixed fp32/bf16 on CPUs with "
+                "bfloat16 kernels) or 'fp32' on the CPU."
+            )
         if self.precision == "auto":
             mixed = self.device_.type == "cpu" and bf16_supported(self.device_)
             return "mixed" if mixed else "fp32"
@@ -418,7 +460,19 @@ class PretrainedCNNFeatures(
         self._fit_passthrough(X)
         in_chans = self._network_in_chans(self._intensity_channels(windows, data))
         self.device_ = resolve_device(self.device)
-        self.precision_ = self._resolve_precision()
+        if self._volumetric and self.backend not in ("auto", "torch"):
+            raise ValueError(
+                f"PretrainedCNNFeatures: backend={self.backend!r} does not run the 3-D networks "
+                f"of volumetric={self.volumetric!r}; use backend='torch' (or 'auto')."
+            )
+        self.backend_ = (
+            "torch"
+            if self._volumetric
+            else resolve_backend(
+                self.backend, device=self.device_, precision=self.precision, compile=self.compile
+            )
+        )
+        self.precision_ = "fp32" if self.backend_ == "onnxruntime" else self._resolve_precision()
         if self._volumetric:
             model, fp, memo = pretrained_volumetric_backbone(
                 self.backbone,
@@ -511,6 +565,7 @@ class PretrainedCNNFeatures(
                 UserWarning,
                 stacklevel=3,
             )
+        backend = getattr(self, "backend_", "torch")
         key = (
             self._state_fingerprint(),
             str(self.device_),
@@ -519,6 +574,8 @@ class PretrainedCNNFeatures(
             self.in_chans_,
             self.input_size_,
             compiled,
+            backend,
+            torch.get_num_threads() if backend != "torch" else None,
         )
         runner = _RUNNER_CACHE.get(key)
         if runner is None and self._volumetric:
@@ -531,7 +588,24 @@ class PretrainedCNNFeatures(
                 precision=self.precision_,
             )
             _RUNNER_CACHE.put(key, runner)
-        elif runner is None:
+        elif runner is None and backend != "torch":
+            try:
+                runner = build_backend_runner(
+                    backend,
+                    self.model_,
+                    layer_modules=self._layer_modules,
+                    in_chans=self.in_chans_,
+                    size=self.input_size_,
+                    precision=self.precision_,
+                )
+            except BackendError as exc:
+                warnings.warn(
+                    f"PretrainedCNNFeatures: backend={backend!r} could not be used ({exc}); "
+                    "falling back to the torch backend. Pass backend='torch' to silence this.",
+                    InferenceBackendWarning,
+                    stacklevel=3,
+                )
+        if runner is None:
             runner = InferenceRunner(
                 self.model_,
                 layer_modules=self._layer_modules,
@@ -544,6 +618,13 @@ class PretrainedCNNFeatures(
             _RUNNER_CACHE.put(key, runner)
         self._fast = runner
         return runner
+
+    def _effective_backend(self) -> str:
+        """The backend of the built inference copy (after any fallback), else ``backend_``."""
+        fast = getattr(self, "_fast", None)
+        if fast is not None:
+            return fast.backend
+        return getattr(self, "backend_", "torch")
 
     def _state_fingerprint(self) -> str:
         fp = getattr(self, "_fingerprint", None)
@@ -585,9 +666,41 @@ class PretrainedCNNFeatures(
             outs.append(out)
         return torch.cat(outs, dim=1)
 
+    def _pool_numpy(self, fmap: np.ndarray, mask: torch.Tensor | None) -> np.ndarray:
+        """:meth:`_pool` in numpy, for the maps of a compiled backend.
+
+        numpy reduces these small maps on the calling thread; torch's thread pool would
+        compete with the backend's worker threads that are still spinning.
+        """
+        pools = ["avg", "max"] if self.pooling == "avgmax" else [self.pooling]
+        w = None
+        if mask is not None:
+            w = F.adaptive_avg_pool2d(mask.to(torch.float32), fmap.shape[2:]).numpy()
+            wsum = w.sum(axis=(2, 3))
+            if bool((wsum <= 0).any()):  # pragma: no cover - read_image_frame rejects these
+                raise ValueError("a mask is empty after resizing; masked pooling is undefined.")
+        outs = []
+        for pool in pools:
+            if pool == "avg":
+                out = fmap.mean(axis=(2, 3)) if w is None else (fmap * w).sum((2, 3)) / wsum
+            elif pool == "max":
+                src = fmap if w is None else np.where(w > 0, fmap, -np.inf)
+                out = src.max(axis=(2, 3))
+            else:  # gem
+                p = float(self.gem_p)
+                f = np.power(np.maximum(fmap, 1e-6), p)
+                mean = f.mean(axis=(2, 3)) if w is None else (f * w).sum((2, 3)) / wsum
+                out = np.power(mean, 1.0 / p)
+            outs.append(out.astype(np.float32, copy=False))
+        return np.concatenate(outs, axis=1)
+
     def _features_of_batch(self, x, m, fast: InferenceRunner) -> np.ndarray:
-        maps = fast(x, pad_to=self.batch_size)
         mask = m if (self.mask_pooling and m is not None) else None
+        if fast.backend != "torch":
+            maps_np = fast.run_numpy(x.detach().to("cpu", torch.float32).contiguous().numpy())
+            feats_np = [self._pool_numpy(fmap, mask) for fmap in maps_np]
+            return np.concatenate(feats_np, axis=1).astype(np.float32, copy=False)
+        maps = fast(x, pad_to=self.batch_size)
         feats = [self._pool(fmap, mask) for fmap in maps]
         return torch.cat(feats, dim=1).cpu().numpy().astype(np.float32, copy=False)
 
@@ -606,6 +719,7 @@ class PretrainedCNNFeatures(
             self.device_.type,
             self.precision_,
             bool(self.compile) and self._layer_modules == [""],
+            self._effective_backend(),
         )
         return hashlib.blake2b(repr(cfg).encode(), digest_size=16).digest()
 
@@ -646,26 +760,17 @@ class PretrainedCNNFeatures(
         n = len(data)
         width = len(self._cnn_names)
         out = np.zeros((n, width), dtype=np.float32)
-        todo = list(range(n))
-        keys = None
         disk = (
             None
             if self.cache_dir is None
             else open_disk_cache(self.cache_dir, max_mb=self.cache_size_mb)
         )
-        if self.cache or disk is not None:
-            keys = self._sample_keys(data, self._config_key())
-            todo = []
-            for i, key in enumerate(keys):
-                hit = _FEATURE_CACHE.get(key) if self.cache else None
-                if hit is None and disk is not None:
-                    hit = disk.get_array(key, dtype=np.float32, size=width)
-                    if hit is not None and self.cache:
-                        _FEATURE_CACHE.put(key, hit)
-                if hit is None:
-                    todo.append(i)
-                else:
-                    out[i] = hit
+        keys, todo = self._lookup(data, disk, out)
+        if todo and keys is not None and self._effective_backend() != "torch":
+            used = self._effective_backend()
+            self._get_fast()
+            if self._effective_backend() != used:  # fell back to torch: other cache keys
+                keys, todo = self._lookup(data, disk, out)
         if todo:
             if self.n_jobs in (None, 1) or len(todo) <= self.batch_size:
                 self._extract(data, todo, out)
@@ -678,6 +783,25 @@ class PretrainedCNNFeatures(
                     if disk is not None:
                         disk.put_array(keys[i], out[i])
         return self._with_passthrough(out, X, self._cnn_names)
+
+    def _lookup(self, data: ImageInput, disk, out: np.ndarray) -> tuple[list | None, list[int]]:
+        """Fill ``out`` with cached features: (keys or None without caches, rows to compute)."""
+        if not self.cache and disk is None:
+            return None, list(range(len(data)))
+        width = out.shape[1]
+        keys = self._sample_keys(data, self._config_key())
+        todo = []
+        for i, key in enumerate(keys):
+            hit = _FEATURE_CACHE.get(key) if self.cache else None
+            if hit is None and disk is not None:
+                hit = disk.get_array(key, dtype=np.float32, size=width)
+                if hit is not None and self.cache:
+                    _FEATURE_CACHE.put(key, hit)
+            if hit is None:
+                todo.append(i)
+            else:
+                out[i] = hit
+        return keys, todo
 
     def _extract_parallel(self, X, rows: list[int], out: np.ndarray) -> None:
         """Features of ``rows`` computed by joblib workers, a chunk of whole batches each.

@@ -350,12 +350,15 @@ class InferenceRunner:
     size : (int, int)
         Input size, for the probe that finds static paddings and foldable BatchNorms.
     device : torch.device
-    precision : {"fp32", "mixed", "bf16"}
+    precision : {"fp32", "mixed", "bf16", "fp16"}
         ``"mixed"``: the first :data:`MIXED_FP32_LAYERS` transfer layers in float32, the rest
-        in bfloat16; ``"bf16"``: pure bfloat16 on the CPU, autocast on CUDA.
+        in bfloat16; ``"bf16"``: pure bfloat16 on the CPU, autocast on CUDA; ``"fp16"``:
+        float16 autocast (CUDA only).
     compiled : bool
         Run the final feature map through :func:`torch.compile`.
     """
+
+    backend = "torch"
 
     def __init__(self, model, *, layer_modules, in_chans, size, device, precision, compiled):
         self.layer_modules = list(layer_modules)
@@ -416,8 +419,9 @@ class InferenceRunner:
             self.stop_hook = stop_after(net.get_submodule(last))
 
     def _autocast(self):
-        if self.precision == "bf16" and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.precision in ("bf16", "fp16") and self.device.type == "cuda":
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
         return torch.autocast(self.device.type, enabled=False)
 
     def _forward(self, x: torch.Tensor) -> list[torch.Tensor | None]:

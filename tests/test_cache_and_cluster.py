@@ -25,7 +25,7 @@ from skrtl import (
 from skrtl._inference import InferenceRunner
 from skrtl.utils import open_disk_cache
 
-FAST = dict(input_size=32, precision="fp32", batch_size=4)
+FAST = dict(input_size=32, precision="fp32", batch_size=4, backend="torch")
 
 
 @pytest.fixture
@@ -77,6 +77,7 @@ _READER = textwrap.dedent(
     data = np.load(sys.argv[2])
     frame = make_image_frame(data["X"], masks=data["masks"], spacing=(0.7, 0.7))
     est = PretrainedCNNFeatures(input_size=32, precision="fp32", batch_size=4, cache=False,
+                                backend="torch",
                                 cache_dir=sys.argv[1]).fit(frame)
     out = est.transform(frame)
     np.save(sys.argv[3], out)

@@ -25,7 +25,7 @@ from skrtl._imaging import make_image_frame
 from skrtl._inference import ConvAct, InferenceRunner
 from skrtl.utils import bf16_supported
 
-FAST = dict(input_size=32, batch_size=8)
+FAST = dict(input_size=32, batch_size=8, backend="torch")
 
 
 def _blobs(n=12, size=32, seed=0):
