@@ -200,10 +200,10 @@ class PretrainedCNNFeatures(
         float32 head and a bfloat16 tail, as the torch path does, and the micro-batches of a
         batch run on parallel streams. ``"onnxruntime"``: ONNX Runtime, float32 only
         (``precision="auto"`` then means ``"fp32"``). Every compiled copy is checked against
-        the float32 torch network when it is built (average-pooled feature maps of a probe image within
-        :data:`~skrtl._backends.BACKEND_TOLERANCE`); a failed export, compilation or check
-        falls back to torch with an :class:`~skrtl.InferenceBackendWarning`. Pooling (masked
-        or not) always runs in torch, so every ``layers`` / ``pooling`` combination works
+        the float32 torch network when it is built (average-pooled feature maps of a probe
+        image within :data:`~skrtl._backends.BACKEND_TOLERANCE`); a failed export,
+        compilation or check falls back to torch with an :class:`~skrtl.InferenceBackendWarning`.
+        Pooling (masked or not) runs outside the compiled network, so every ``layers`` / ``pooling`` combination works
         with every backend. Features of different backends differ by float rounding, so the
         feature caches keep them apart.
     cache : bool, default=True
