@@ -202,8 +202,8 @@ class PretrainedCNNFeatures(
         (``precision="auto"`` then means ``"fp32"``). Every compiled copy is checked against
         the float32 torch network when it is built (average-pooled feature maps of a probe
         image within :data:`~skrtl._backends.BACKEND_TOLERANCE`); a failed export,
-        compilation or check falls back to torch with an :class:`~skrtl.InferenceBackendWarning`.
-        Pooling (masked or not) runs outside the compiled network, so every ``layers`` / ``pooling`` combination works
+        compilation or check falls back to torch with an
+        :class:`~skrtl.InferenceBackendWarning`. Pooling (masked or not) runs outside the compiled network, so every ``layers`` / ``pooling`` combination works
         with every backend. Features of different backends differ by float rounding, so the
         feature caches keep them apart.
     cache : bool, default=True
