@@ -203,8 +203,9 @@ class PretrainedCNNFeatures(
         the float32 torch network when it is built (average-pooled feature maps of a probe
         image within :data:`~skrtl._backends.BACKEND_TOLERANCE`); a failed export,
         compilation or check falls back to torch with an
-        :class:`~skrtl.InferenceBackendWarning`. Pooling (masked or not) runs outside the compiled network, so every ``layers`` / ``pooling`` combination works
-        with every backend. Features of different backends differ by float rounding, so the
+        :class:`~skrtl.InferenceBackendWarning`. Pooling (masked or not) runs outside the
+        compiled network, so every ``layers`` / ``pooling`` combination works with every
+        backend. Features of different backends differ by float rounding, so the
         feature caches keep them apart.
     cache : bool, default=True
         Look features up in (and store them into) the process-wide LRU cache, keyed by a hash
