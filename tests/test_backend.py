@@ -71,8 +71,10 @@ def test_openvino_mixed_precision_is_close_to_torch_mixed():
 def test_auto_resolves_to_openvino_on_cpu_and_torch_with_compile():
     _needs("openvino")
     X, _, _ = blob_images(n=2)
-    assert PretrainedCNNFeatures(input_size=32).fit(X).backend_ == "openvino"
-    assert PretrainedCNNFeatures(input_size=32, compile=True).fit(X).backend_ == "torch"
+    assert PretrainedCNNFeatures(input_size=32).fit(X).backend_ == "torch"  # the default
+    assert PretrainedCNNFeatures(input_size=32, backend="auto").fit(X).backend_ == "openvino"
+    auto_compiled = PretrainedCNNFeatures(input_size=32, backend="auto", compile=True)
+    assert auto_compiled.fit(X).backend_ == "torch"
     cpu = torch.device("cpu")
     assert backends.resolve_backend("auto", device=cpu, precision="auto", compile=False) == (
         "openvino"
