@@ -615,7 +615,14 @@ def check_shift_change(
     Returns
     -------
     ShiftChange
+        With fewer than 2 rows on either side the shift cannot be measured: the values are
+        NaN and ``increased`` is False (the harmonizers warn about so few images anyway).
     """
+    if min(len(before[0]), len(before[1]), len(after[0]), len(after[1])) < 2:
+        nan = float("nan")
+        return ShiftChange(
+            what=what, mmd_before=nan, mmd_after=nan, p_before=nan, p_after=nan, increased=False
+        )
     mb, pb, _ = measure_shift(*before, random_state=random_state)
     ma, pa, noise = measure_shift(*after, random_state=random_state)
     increased = bool(
