@@ -1136,6 +1136,8 @@ class VolumetricRunner:
         Channels-last-3d memory format (faster oneDNN convolutions on CPUs).
     """
 
+    backend = "torch"  # the 3-D networks always run in torch (see skrtl._backends)
+
     def __init__(
         self, model, *, layer_modules, in_chans, size, device, precision, channels_last=True
     ):
