@@ -36,6 +36,7 @@ from .utils import (
 )
 
 __all__ = [
+    "conv_bn_pairs",
     "CPU_MICRO_BATCH",
     "MIXED_FP32_LAYERS",
     "ConvAct",
@@ -141,9 +142,17 @@ def _foldable_bn_types() -> tuple:
     return types
 
 
-def _conv_bn_pairs(model: nn.Module, probe: torch.Tensor) -> list[tuple[str, str]]:
-    """(conv, BatchNorm) name pairs where the BatchNorm's input is the conv's output."""
-    types = _foldable_bn_types()
+def conv_bn_pairs(
+    model: nn.Module, probe: torch.Tensor, *, conv_types=None, bn_types=None
+) -> list[tuple[str, str]]:
+    """(conv, BatchNorm) name pairs where the BatchNorm's input is the conv's output.
+
+    Found by running ``probe`` through ``model`` and matching each BatchNorm's input to the
+    conv that produced it. ``conv_types`` / ``bn_types`` (exact module types) default to the
+    2-D ``nn.Conv2d`` and the foldable 2-D BatchNorms; the 3-D networks pass their own.
+    """
+    types = _foldable_bn_types() if bn_types is None else tuple(bn_types)
+    conv_types = (nn.Conv2d,) if conv_types is None else tuple(conv_types)
     produced: list[tuple[torch.Tensor, str]] = []
     pairs: list[tuple[str, str]] = []
 
@@ -164,7 +173,7 @@ def _conv_bn_pairs(model: nn.Module, probe: torch.Tensor) -> list[tuple[str, str
 
     convs, bns = [], []
     for name, mod in model.named_modules():
-        if type(mod) is nn.Conv2d:
+        if type(mod) in conv_types:
             convs.append((mod, conv_hook(name)))
         elif type(mod) in types and mod.track_running_stats and mod.running_mean is not None:
             bns.append((mod, bn_hook(name)))
@@ -198,7 +207,7 @@ def fold_batchnorm(
     n_folded : int
     """
     model = (copy.deepcopy(model) if copy_model else model).eval()
-    pairs = _conv_bn_pairs(model, probe)
+    pairs = conv_bn_pairs(model, probe)
     mods = dict(model.named_modules())
     uses: dict[str, int] = {}
     for cname, _ in pairs:

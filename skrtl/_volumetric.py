@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._backbone import pretrained_backbone
-from ._inference import MIXED_FP32_LAYERS, cast_deep_layers_bf16
+from ._inference import MIXED_FP32_LAYERS, cast_deep_layers_bf16, conv_bn_pairs
 from .utils import LRUCache, StopForward, capture_outputs, fingerprint, forward_hooks, stop_after
 
 __all__ = [
@@ -1051,37 +1051,12 @@ def _materialise(net: nn.Module) -> int:
     return n
 
 
+_BN3D_TYPES = (nn.BatchNorm3d, BatchNormAct3d)
+
+
 def _fold_bn3d(net: nn.Module, probe: torch.Tensor, keep=()) -> int:
     """Fold every BatchNorm3d whose input is the output of a 3-D conv into that conv."""
-    produced: list = []
-    pairs: list[tuple[str, str]] = []
-
-    def conv_hook(name):
-        def hook(mod, args, out):
-            produced.append((out, name))
-
-        return hook
-
-    def bn_hook(name):
-        def hook(mod, args):
-            for out, cname in reversed(produced):
-                if out is args[0]:
-                    pairs.append((cname, name))
-                    break
-
-        return hook
-
-    convs, bns = [], []
-    for name, mod in net.named_modules():
-        if isinstance(mod, nn.Conv3d):
-            convs.append((mod, conv_hook(name)))
-        elif type(mod) in (nn.BatchNorm3d, BatchNormAct3d) and mod.running_mean is not None:
-            bns.append((mod, bn_hook(name)))
-    try:
-        with forward_hooks(convs), forward_hooks(bns, pre=True), torch.no_grad():
-            net(probe)
-    finally:
-        produced.clear()
+    pairs = conv_bn_pairs(net, probe, conv_types=(nn.Conv3d,), bn_types=_BN3D_TYPES)
     uses: dict[str, int] = {}
     for cname, _ in pairs:
         uses[cname] = uses.get(cname, 0) + 1
