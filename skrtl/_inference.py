@@ -29,6 +29,7 @@ from torch import nn
 from ._backbone import get_transfer_layers
 from .utils import (
     StopForward,
+    call_order,
     can_fuse_on_cpu,
     capture_outputs,
     forward_hooks,
@@ -36,10 +37,10 @@ from .utils import (
 )
 
 __all__ = [
-    "conv_bn_pairs",
     "CPU_MICRO_BATCH",
     "MIXED_FP32_LAYERS",
     "ConvAct",
+    "conv_bn_pairs",
     "InferenceRunner",
     "cast_deep_layers_bf16",
     "fold_batchnorm",
@@ -414,16 +415,7 @@ class InferenceRunner:
         # when the final map is not needed, the deepest requested layer stops the forward
         self.stop_hook = None
         if wanted and "" not in self.layer_modules:
-            order: dict[str, int] = {}
-
-            def make(name):
-                def hook(mod, args, out):
-                    order.setdefault(name, len(order))
-
-                return hook
-
-            with forward_hooks([(net.get_submodule(m), make(m)) for m in wanted]):
-                self(probe[:1])
+            order = call_order(net, probe[:1], forward=lambda _, x: self(x))
             last = max(wanted, key=lambda n: order.get(n, -1))
             self.stop_hook = stop_after(net.get_submodule(last))
 

@@ -45,7 +45,14 @@ from torch import nn
 
 from ._backbone import pretrained_backbone
 from ._inference import MIXED_FP32_LAYERS, cast_deep_layers_bf16, conv_bn_pairs
-from .utils import LRUCache, StopForward, capture_outputs, fingerprint, forward_hooks, stop_after
+from .utils import (
+    LRUCache,
+    StopForward,
+    call_order,
+    capture_outputs,
+    fingerprint,
+    stop_after,
+)
 
 __all__ = [
     "VOLUMETRIC_METHODS",
@@ -1148,16 +1155,7 @@ class VolumetricRunner:
             net.get_submodule(m).register_forward_hook(capture_outputs(self.captured, m))
         self.stop_hook = None
         if wanted and "" not in self.layer_modules:
-            order: dict[str, int] = {}
-
-            def make(name):
-                def hook(mod, args, out):
-                    order.setdefault(name, len(order))
-
-                return hook
-
-            with forward_hooks([(net.get_submodule(m), make(m)) for m in wanted]):
-                self(probe[:1])
+            order = call_order(net, probe[:1], forward=lambda _, x: self(x))
             last = max(wanted, key=lambda n: order.get(n, -1))
             self.stop_hook = stop_after(net.get_submodule(last))
 
