@@ -25,7 +25,6 @@ import io
 import queue
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -211,25 +210,16 @@ class _CompiledRunner:
         # a small batch is still spread over every stream
         step = max(1, min(self.micro_batch, -(-x.shape[0] // self.n_streams)))
         parts = [x[i : i + step] for i in range(0, x.shape[0], step)]
+        # the parts run one after the other on one stream: spreading them over the streams
+        # from a thread pool deadlocked at thread start in a fresh CI environment (an
+        # OpenVINO / OpenMP interaction that was not isolated), so it is not done
         with self.lock:
             slots = self._slots()
-            if len(parts) == 1 or self.n_streams == 1:
-                slot = slots.get()
-                try:
-                    outs = [self._run(p, slot) for p in parts]
-                finally:
-                    slots.put(slot)
-            else:
-
-                def job(part):
-                    slot = slots.get()
-                    try:
-                        return self._run(part, slot)
-                    finally:
-                        slots.put(slot)
-
-                with ThreadPoolExecutor(min(self.n_streams, len(parts))) as pool:
-                    outs = list(pool.map(job, parts))
+            slot = slots.get()
+            try:
+                outs = [self._run(p, slot) for p in parts]
+            finally:
+                slots.put(slot)
         return [np.concatenate([o[j] for o in outs]) for j in range(len(self.layer_modules))]
 
     def __call__(self, x: torch.Tensor, pad_to: int | None = None) -> list[torch.Tensor]:
