@@ -198,10 +198,10 @@ class PretrainedCNNFeatures(
         one output per requested feature map) is exported to ONNX and compiled by OpenVINO
         for the fitted input size and precision, once per network state; ``"mixed"`` runs a
         float32 head and a bfloat16 tail, as the torch path does. ``"onnxruntime"``: ONNX
-        Runtime, float32 only (``precision="auto"`` then means ``"fp32"``). Every compiled copy is checked against
-        the float32 torch network when it is built (average-pooled feature maps of a probe
-        image within :data:`~skrtl._backends.BACKEND_TOLERANCE`); a failed export,
-        compilation or check falls back to torch with an
+        Runtime, float32 only (``precision="auto"`` then means ``"fp32"``). Every compiled
+        copy is checked against the float32 torch network when it is built (average-pooled
+        feature maps of a probe image within :data:`~skrtl._backends.BACKEND_TOLERANCE`);
+        a failed export, compilation or check falls back to torch with an
         :class:`~skrtl.InferenceBackendWarning`. Pooling (masked or not) runs outside the
         compiled network, so every ``layers`` / ``pooling`` combination works with every
         backend. Features of different backends differ by float rounding, so the
