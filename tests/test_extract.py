@@ -131,7 +131,10 @@ def test_jobs_2_gives_the_serial_output(tmp_path, good_cohort):
     serial, parallel = tmp_path / "serial.csv", tmp_path / "parallel.csv"
     assert main(["extract", str(good_cohort), "-o", str(serial), *FAST]) == 0
     assert main(["extract", str(good_cohort), "-o", str(parallel), "--jobs", "2", *FAST]) == 0
-    pd.testing.assert_frame_equal(pd.read_csv(parallel), pd.read_csv(serial))
+    # worker processes run torch with their own thread count: equal up to float rounding
+    pd.testing.assert_frame_equal(
+        pd.read_csv(parallel), pd.read_csv(serial), check_exact=False, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_options_reach_the_extractors(tmp_path, good_cohort, params_file):
