@@ -214,3 +214,85 @@ class OptunaPruning(Callback):
     def on_train_end(self, net, **kwargs):
         if len(net.history) >= 1:
             self.reporter.report(net.history[-1])
+
+
+class WeightEMA(Callback):
+    """Validate, keep and return an exponential moving average of the trained weights.
+
+    After every training batch the average of each trainable parameter is updated,
+    ``ema = d * ema + (1 - d) * w`` with ``d = min(decay, (1 + t) / (10 + t))`` after ``t``
+    updates (a short warm-up, so that the average does not stay near the pretrained start).
+    BatchNorm statistics are copied from the live network. For the validation batches of an
+    epoch the averaged weights are loaded, so the validation scores, early stopping and its
+    best-weights copy see them; training resumes from the live weights at the next epoch. At
+    the end of training the network holds the averaged weights (or, with early stopping's
+    ``load_best``, the best epoch's averaged weights).
+
+    Parameters
+    ----------
+    decay : float in (0, 1), default=0.98
+    """
+
+    def __init__(self, decay: float = 0.98):
+        self.decay = decay
+
+    def initialize(self):
+        self.ema_ = None
+        self.live_ = None
+        self.updates_ = 0
+        return self
+
+    def _params(self, net):
+        return [p for p in net.module_.parameters() if p.requires_grad]
+
+    def on_train_begin(self, net, **kwargs):
+        self.ema_ = [p.detach().clone() for p in self._params(net)]
+        self.live_ = None
+        self.updates_ = 0
+
+    def on_epoch_begin(self, net, **kwargs):
+        self._restore_live(net)
+
+    def on_batch_end(self, net, batch=None, training=None, **kwargs):
+        if not training or self.ema_ is None:
+            return
+        import torch
+
+        self.updates_ += 1
+        d = min(float(self.decay), (1.0 + self.updates_) / (10.0 + self.updates_))
+        with torch.no_grad():
+            for e, p in zip(self.ema_, self._params(net)):
+                e.mul_(d).add_(p.detach(), alpha=1.0 - d)
+
+    def on_batch_begin(self, net, batch=None, training=None, **kwargs):
+        if not training:
+            self._load_average(net)
+
+    def on_train_end(self, net, **kwargs):
+        # without validation batches the live weights are still loaded: load the average
+        # (with early stopping, its load_best has already restored the best averaged weights)
+        if self.live_ is None and self.ema_ is not None and self.updates_:
+            self._load_average(net)
+        self.live_ = None
+        self.ema_ = None
+
+    def _load_average(self, net):
+        if self.live_ is not None or self.ema_ is None:
+            return
+        import torch
+
+        params = self._params(net)
+        self.live_ = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for e, p in zip(self.ema_, params):
+                p.copy_(e)
+
+    def _restore_live(self, net):
+        if self.live_ is None:
+            return
+        import torch
+
+        with torch.no_grad():
+            for w, p in zip(self.live_, self._params(net)):
+                p.copy_(w)
+        self.live_ = None

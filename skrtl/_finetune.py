@@ -67,7 +67,13 @@ from ._transfer import (
     create_transfer_model,
     prefix_stages,
 )
-from .utils import check_class_labels, derive_seed, resolve_device, root_seed
+from .utils import (
+    check_class_labels,
+    choose_threshold,
+    derive_seed,
+    resolve_device,
+    root_seed,
+)
 
 __all__ = ["BaseFineTune", "FineTuneClassifier", "fit_member"]
 
@@ -113,6 +119,7 @@ class _FitPlan:
     use_valid: bool
     devices: list  # CUDA devices whose RNG a member forks
     sample_weighted: bool = False  # y_rows ends in a column of sample weights
+    splits: list | None = None  # (train_idx, valid_idx) of every member (None: no validation)
 
 
 def _run_prefix(module: TransferModule, X_img, n_prefix: int, device, batch_size: int):
@@ -443,6 +450,7 @@ class BaseFineTune(BaseTorchImageEstimator):
             n_train=int(splits[0][0].size),
         )
         plan.use_valid = use_valid
+        plan.splits = splits if use_valid else None
         plan.sample_weighted = sample_weight is not None
         self._check_transform(plan)
         nets, histories, best_epochs = [], [], []
@@ -785,34 +793,81 @@ class BaseFineTune(BaseTorchImageEstimator):
             return _VOLUME_TTA_FLIPS
         return ((), (-1,))
 
-    def _forward_members(self, batches, n: int, output) -> np.ndarray:
+    def _validation_outputs(self, plan: _FitPlan, data, output) -> np.ndarray | None:
+        """Out-of-fold ``output(logits)`` of the training samples (None: no validation).
+
+        Every sample of a member's validation fold is predicted by that member alone (with
+        the test-time views of :meth:`_forward_members`); a sample in several validation folds
+        (independent random splits) gets the mean, a sample in none ``NaN``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_outputs) or None
+        """
+        if plan.splits is None:
+            return None
+        bs = self._bs_pred()
+        total, count = None, np.zeros(len(data))
+        for m, (_, va) in enumerate(plan.splits):
+            if va.size == 0:
+                continue
+            if plan.X_img is None:  # inputs not kept (3-D prefix streamed): preprocess again
+                batches = (
+                    (x, owner) for x, _, owner in self.preprocessor_.iter_batches(data, va, bs)
+                )
+            else:
+                rows = np.flatnonzero(np.isin(plan.owner, va))
+                batches = (
+                    (plan.X_img[rows[i : i + bs]], plan.owner[rows[i : i + bs]])
+                    for i in range(0, rows.size, bs)
+                )
+            out = self._forward_members(batches, len(data), output, nets=[self.nets_[m]])[0]
+            if total is None:
+                total = np.zeros_like(out)
+            total[va] += out[va]
+            count[va] += 1
+        result = np.full_like(total, np.nan)
+        seen = count > 0
+        result[seen] = total[seen] / count[seen, None]
+        return result
+
+    def _forward_members(self, batches, n: int, output, nets=None) -> np.ndarray:
         """``output(logits)`` of every member, averaged per sample over views and images.
 
         ``batches`` yields ``(x, owner)``: network inputs and the sample of each row (one
-        batch of inputs is held at a time). The views are the image and, with ``tta``, its
-        mirror image (a volume of a 3-D network: its mirror images along the three axes);
-        the images of a sample are its slices (slice-wise ``mode="3d"``) or the image itself.
+        batch of inputs is held at a time); ``nets`` (default: every member) are the nets
+        to run, and a sample without any input row gets ``NaN``. The views are the image
+        and, with ``tta``, its mirror image (a volume of a 3-D network: its mirror images
+        along the three axes); the images of a sample are its slices (slice-wise
+        ``mode="3d"``) or the image itself.
 
         Returns
         -------
         ndarray of shape (n_members, n, n_outputs)
         """
+        nets = self.nets_ if nets is None else nets
         dev = self._module_device()
         flips = self._tta_flips()
-        sums: list = [None] * len(self.nets_)
+        sums: list = [None] * len(nets)
         counts = np.zeros(n)
         with torch.no_grad():
             for x, idx in batches:
                 xb = x.to(dev)
                 for dims in flips:
                     xv = xb.flip(dims) if dims else xb
-                    for m, net in enumerate(self.nets_):
+                    for m, net in enumerate(nets):
                         out = output(_eval_forward(net.module_, xv).float()).cpu().numpy()
                         if sums[m] is None:
                             sums[m] = np.zeros((n, out.shape[1]))
                         np.add.at(sums[m], idx, out)
                     np.add.at(counts, idx, 1)
-        return np.stack([s_ / counts[:, None] for s_ in sums])
+        if sums[0] is None:  # no batch at all
+            return np.full((len(nets), n, 1), np.nan)
+        seen = counts > 0
+        out = np.full((len(nets), n, sums[0].shape[1]), np.nan)
+        for m, s_ in enumerate(sums):
+            out[m, seen] = s_[seen] / counts[seen, None]
+        return out
 
 
 class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
@@ -919,6 +974,14 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         caching), which makes epochs much cheaper; any augmentation switches the cache off.
     class_weight : "balanced", dict or None, default=None
         Class weights of the cross-entropy loss.
+    threshold : "auto" or float in (0, 1), default="auto"
+        Decision threshold of :meth:`predict` for two classes: ``classes_[1]`` when its
+        probability exceeds the threshold. ``"auto"`` chooses it on the out-of-fold
+        probabilities of the members' validation folds (``validation_proba_``, no refit) to
+        maximise the balanced accuracy, which does not depend on the class prevalence; it
+        is 0.5 without a validation split. A float fixes it (``0.5``: the most probable
+        class). :meth:`predict_proba` does not depend on it; multi-class predictions are
+        always the most probable class.
     early_stopping : bool, default=True
         Stop when the validation loss has not improved for ``patience`` epochs and restore
         the weights of the best epoch. Needs ``validation_fraction``.
@@ -988,6 +1051,15 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         ``best_epoch_`` of every member.
     cached_prefix_ : int
         Number of network stages whose output was cached (0 = no caching).
+    threshold_ : float or None
+        Decision threshold of :meth:`predict` on ``predict_proba(X)[:, 1]`` (None for more
+        than two classes).
+    validation_proba_ : ndarray of shape (n_samples, n_classes) or None
+        Out-of-fold probabilities of the training samples: each sample of a member's
+        validation fold predicted by that member alone, with ``tta``; ``NaN`` for samples
+        in no validation fold, None without a validation split. Early stopping chose each
+        member's epoch on the same fold, so scores computed from them are slightly
+        optimistic.
     input_config_ : dict
         Channels, mean, std and input size used to build network inputs.
     preprocessor_ : ImagePreprocessor
@@ -1021,6 +1093,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
     _parameter_constraints: dict = {
         **BaseFineTune._parameter_constraints,
         "class_weight": [StrOptions({"balanced"}), dict, None],
+        "threshold": [StrOptions({"auto"}), Interval(Real, 0, 1, closed="neither")],
     }
 
     def __init__(
@@ -1050,6 +1123,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         augment=False,
         precision="fp32",
         class_weight=None,
+        threshold="auto",
         early_stopping=True,
         patience=5,
         validation_fraction=0.15,
@@ -1087,6 +1161,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         self.augment = augment
         self.precision = precision
         self.class_weight = class_weight
+        self.threshold = threshold
         self.early_stopping = early_stopping
         self.patience = patience
         self.validation_fraction = validation_fraction
@@ -1155,7 +1230,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         data, keep = self._drop_zero_weights(X, data, sw)
         if keep is not None:
             y_arr, y_enc, sw = y_arr[keep], y_enc[keep], sw[keep]
-        self._fit_networks(
+        plan = self._fit_networks(
             data,
             torch.as_tensor(y_enc, dtype=torch.int64),
             y_enc,
@@ -1166,7 +1241,33 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
             windows=windows,
             sample_weight=sw,
         )
+        oof = self._validation_outputs(plan, data, lambda logits: torch.softmax(logits, dim=1))
+        self.threshold_ = self._decision_threshold(oof, y_enc, sw)
+        if oof is not None and keep is not None:  # rows of X (weight-0 samples: NaN)
+            full = np.full((n, oof.shape[1]), np.nan)
+            full[keep] = oof
+            oof = full
+        self.validation_proba_ = oof
         return self
+
+    def _decision_threshold(self, oof, y_enc, sw) -> float | None:
+        """``threshold_``: fixed, chosen on the out-of-fold probabilities, or None."""
+        if len(self.classes_) != 2:
+            return None
+        if self.threshold != "auto":
+            return float(self.threshold)
+        if oof is None:
+            return 0.5
+        seen = ~np.isnan(oof[:, 1])
+        y_seen = y_enc[seen]
+        if np.unique(y_seen).size < 2:
+            return 0.5
+        return choose_threshold(
+            y_seen,
+            oof[seen, 1],
+            metric="balanced_accuracy",
+            sample_weight=None if sw is None else sw[seen],
+        )
 
     def _class_weight_tensor(self, y, sample_weight=None):
         if self.class_weight is None:
@@ -1222,15 +1323,21 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         return self._member_outputs(X, lambda logits: torch.softmax(logits, dim=1)).mean(0)
 
     def decision_function(self, X) -> np.ndarray:
-        """Log-odds of the positive class (binary) or log-probabilities (multi-class)."""
+        """Binary: log-odds of the positive class minus ``logit(threshold_)`` (positive
+        exactly when :meth:`predict` gives ``classes_[1]``); multi-class: log-probabilities."""
         proba = np.clip(self.predict_proba(X), 1e-12, 1.0)
         if proba.shape[1] == 2:
-            return np.log(proba[:, 1]) - np.log(proba[:, 0])
+            t = self.threshold_
+            return np.log(proba[:, 1]) - np.log(proba[:, 0]) - float(np.log(t / (1 - t)))
         return np.log(proba)
 
     def predict(self, X) -> np.ndarray:
-        """Most probable class of each sample."""
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        """Class of each sample: ``classes_[1]`` when its probability exceeds ``threshold_``
+        (binary), else the most probable class."""
+        proba = self.predict_proba(X)
+        if proba.shape[1] == 2:
+            return self.classes_[(proba[:, 1] > self.threshold_).astype(int)]
+        return self.classes_[np.argmax(proba, axis=1)]
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -166,6 +166,7 @@ def _finetune_survival():
     """The same tiny network fine-tuned against the Cox partial likelihood."""
     params = _finetune().get_params()
     params.pop("class_weight")
+    params.pop("threshold")
     return FineTuneSurvival(**params)
 
 

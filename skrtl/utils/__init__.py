@@ -15,11 +15,12 @@ from ._hooks import StopForward, call_order, capture_outputs, forward_hooks, sto
 from ._indexing import index_params
 from ._labels import check_class_labels, missing_rows
 from ._postgres import find_postgres_bin, throwaway_postgres
-from ._proba import PROBA_FLOOR, reweight_posteriors
+from ._proba import PROBA_FLOOR, THRESHOLD_METRICS, choose_threshold, reweight_posteriors
 from ._random import derive_seed, root_seed
 
 __all__ = [
     "PROBA_FLOOR",
+    "THRESHOLD_METRICS",
     "DiskCache",
     "LRUCache",
     "StopForward",
@@ -29,6 +30,7 @@ __all__ = [
     "capture_outputs",
     "check_class_labels",
     "check_writable_dir",
+    "choose_threshold",
     "derive_seed",
     "find_postgres_bin",
     "fingerprint",
