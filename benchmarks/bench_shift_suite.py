@@ -157,7 +157,7 @@ def run_cell(dataset, kind, severity, seed, source, y_source, X_eval, y_eval, ar
     auto = AutoHarmonizer(
         features,
         estimator,
-        candidates=CANDIDATES,
+        compare=[c for c in CANDIDATES if c != "none"],  # scored and kept, chosen by the rule
         keep_candidates=True,
         random_state=0,
     )

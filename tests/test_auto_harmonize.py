@@ -127,15 +127,7 @@ def fitted(data):
 def test_fitted_attributes_and_criteria_table(fitted, data):
     auto = fitted
     table = auto.scores_
-    assert list(table.index) == [
-        "none",
-        "adabn",
-        "combat",
-        "histogram",
-        "coral",
-        "subspace_alignment",
-        "adabn_recompute",
-    ]
+    assert list(table.index) == ["none", "adabn", "combat", "histogram", "coral"]
     assert (table["status"] == "ok").all()
     for col in ("source_auc", "mmd", "mmd_p", "agreement", "corroboration", "verdict", "chosen"):
         assert col in table.columns
