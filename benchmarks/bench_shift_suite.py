@@ -10,8 +10,9 @@ Protocol (one "cell" per data set, shift and severity): the linear probe
 ``StandardScaler`` -> ``LogisticRegression(C=0.05)``) is trained on the train split (the
 source site, at most ``--n-train`` images, a stratified random subsample); the target site is
 the evaluation split seen through the simulated scanner. :class:`skrtl.AutoHarmonizer` is
-fitted on the labelled source images and the *unlabelled* target images and keeps every
-candidate (``keep_candidates=True``). The target labels are used only to score:
+fitted on the labelled source images and the *unlabelled* target images with its default
+candidates, scores the others for comparison (``compare``) and keeps every one
+(``keep_candidates=True``). The target labels are used only to score:
 
 * ``auc_clean``: the probe on the uncorrupted evaluation split (no shift);
 * ``auc_none``: the probe on the shifted split, no adaptation;
@@ -25,14 +26,26 @@ lost`` on the cells that lose more than 0.02 AUC. Goals (issue 16): on no cell i
 automatic choice worse than no adaptation by more than 0.01 AUC; over the lossy cells it
 recovers on average at least 40 % of the lost AUC.
 
-Splits: ``--split val`` is the development grid (the validation split, corrupted with other
-seeds) on which the selector's rules and thresholds were chosen; ``--split test`` (default) is
-the reported grid, run once with the rules fixed.
+Splits:
+
+* ``--split traincv``: the development grid on which the current rule was chosen. The
+  official train split of each data set is cut (stratified, seeded) into a source part and a
+  held-out target part (``TRAINCV_TARGET`` images: 200 of BreastMNIST's 546, 400 of
+  PneumoniaMNIST's 4708, whose source part is then subsampled with ``--n-train 600``); the
+  target part is corrupted with seeds of its own. It never touches the validation or test
+  split.
+* ``--split val``: the first development grid (the validation split; only 78 BreastMNIST
+  images), on which the first rule was chosen.
+* ``--split test`` (default): the test split. ``results/shift_suite.json`` is the grid on
+  which the first rule was reported (seen, so no rule may be tuned on it);
+  ``--seed-offset N`` (N != 0) corrupts the test split with other seeds: a fresh test grid
+  (``results/shift_suite_fresh.json``), run once with the current rule fixed.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_shift_suite.py               # the test grid
-    OMP_NUM_THREADS=1 python benchmarks/bench_shift_suite.py --split val   # development grid
+    OMP_NUM_THREADS=1 python benchmarks/bench_shift_suite.py --split traincv --n-train 600
+    OMP_NUM_THREADS=1 python benchmarks/bench_shift_suite.py --seed-offset 5000  # fresh test
+    OMP_NUM_THREADS=1 python benchmarks/bench_shift_suite.py --split val   # first dev grid
     python benchmarks/bench_shift_suite.py --quick                         # smoke run
     # data sets in parallel, then one result file (and the docs tables)
     python benchmarks/bench_shift_suite.py --datasets breastmnist --out a.json
@@ -43,7 +56,8 @@ Usage::
 Use ``OMP_NUM_THREADS=1`` on a shared CPU: multi-threaded BLAS (the logistic regressions and
 CORAL's eigendecompositions) was many times slower than single-threaded there.
 
-Results: ``results/shift_suite.json`` (``results/shift_suite_dev.json`` for ``--split
+Results: ``results/shift_suite.json`` (``shift_suite_fresh.json`` with a seed offset,
+``shift_suite_traincv.json`` for ``--split traincv``, ``shift_suite_dev.json`` for ``--split
 val``; schema in ``_common.py``): one row of ``section`` "cell" per cell (with every
 candidate's unsupervised criteria), "clean" rows (the selector on the uncorrupted split,
 which should choose "none"), "harmonizer" rows (per harmonizer over the grid) and "total".

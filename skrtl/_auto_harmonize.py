@@ -21,11 +21,14 @@ The criteria (``scores_`` columns), on the final features of each candidate:
 ``agreement``
     Spearman correlation between the candidate's decision scores of the target images and
     those of no adaptation: 1 means the candidate changes no ranking.
-``corroboration``
-    Mean Spearman correlation of the candidate's target scores with those of the *other*
-    harmonizers, minus ``agreement``: positive when the candidate moved the target
-    predictions the way the other harmonizers (other mechanisms) moved them, rather than
-    staying with, or moving away from, the unadapted predictions in its own direction.
+``corroboration``, ``corroborated_by``
+    Mean Spearman correlation of the candidate's target scores with those of the
+    *witnesses* (``witnesses``: AdaBN and ComBat, two independent mechanisms, one in the
+    network and one on the features), minus ``agreement``: positive when the candidate moved
+    the target predictions the way the other mechanism moved them, rather than staying with,
+    or moving away from, the unadapted predictions in its own direction. AdaBN is
+    corroborated by ComBat, ComBat by AdaBN, any other candidate by both; without a fitted
+    witness other than itself, a candidate is corroborated by all other candidates.
 ``score_ks``, ``entropy``
     Reported, not used: the Kolmogorov-Smirnov distance between the standardised target
     scores and the out-of-fold source scores, and the mean entropy of the target
@@ -38,10 +41,10 @@ never on its reported grid; see ``docs/harmonization.md``):
    ``min_shift`` and significant at ``shift_alpha``;
 2. a candidate must keep the source AUC (within ``max_source_loss``) and remove at least
    ``min_shift_reduction`` of the squared MMD;
-3. ComBat (a per-feature location / scale correction, which cannot invent structure) must
-   change the predictions (``agreement < max_agreement``); every other candidate must be
-   corroborated (``corroboration > min_corroboration``);
-4. the first candidate of ``candidates`` that passes is chosen.
+3. every candidate must be corroborated (``corroboration > min_corroboration``); ComBat
+   must also change the predictions at all (``agreement < max_agreement``);
+4. the first candidate of ``candidates`` that passes is chosen; when none passes, or when
+   the witnesses disagree, no adaptation.
 """
 
 from __future__ import annotations
@@ -254,10 +257,9 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     ``estimator`` on each candidate's source features and measures the candidates with
     criteria that use no target label. The candidate kept (``choice_``) is the first, in the
     order of ``candidates``, that keeps the source cross-validated AUC, removes most of the
-    source-target discrepancy and is corroborated by the other harmonizers (ComBat: changes
-    the predictions at all); without a measurable shift, or when no candidate passes, it is
-    ``"none"``. The rule is given in the module documentation and in
-    ``docs/harmonization.md``. ``predict`` / ``predict_proba`` / ``decision_function`` /
+    source-target discrepancy and is corroborated by the witnesses (AdaBN by ComBat, ComBat
+    by AdaBN); without a measurable shift, or when no candidate passes, it is ``"none"``.
+    The rule is given in the module documentation and in ``docs/harmonization.md``. ``predict`` / ``predict_proba`` / ``decision_function`` /
     ``transform`` run each row through the chosen harmonization (target rows through its
     target side, rows of source sites through its source side) and the estimator.
 
@@ -277,10 +279,11 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         ``"combat"``, ``"coral"``, ``"subspace_alignment"``) or of the mapping adapters of
         :data:`skrtl.DA_ADAPTERS`, in order of preference: the first that passes the rule is
         chosen. ``"none"`` is always a candidate. ``"auto"``: ``["adabn", "combat",
-        "histogram", "coral", "subspace_alignment", "adabn_recompute"]`` (``"adabn_keep"`` is
-        meant for networks whose statistics already are the source's, such as a fine-tuned
-        classifier). A non-ComBat candidate is corroborated by the *other* candidates, so it
-        needs at least one other.
+        "histogram", "coral"]`` (``"subspace_alignment"`` and ``"adabn_recompute"`` lowered
+        the AUC on average on the development grids; ``"adabn_keep"`` is meant for networks
+        whose statistics already are the source's, such as a fine-tuned classifier). A
+        candidate is corroborated by the witnesses other than itself (or by the other
+        candidates), so it needs at least one other.
     site_column : str or None, default="site"
         Column of the image frames holding each row's site (the routed ``sample_domain`` /
         ``target_domain`` take precedence). Without site labels the source rows form one site
@@ -303,9 +306,15 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     min_shift_reduction : float, default=0.5
         A candidate must remove at least this fraction of the unadapted squared MMD.
     min_corroboration : float, default=0.0
-        A candidate other than ComBat needs ``corroboration`` above this.
+        Every candidate needs ``corroboration`` above this.
     max_agreement : float, default=0.95
-        ComBat needs ``agreement`` (with the unadapted target scores) below this.
+        ComBat also needs ``agreement`` (with the unadapted target scores) below this.
+    witnesses : list of str, default=("adabn", "combat")
+        Candidates whose target predictions corroborate the others (fitted when they are in
+        ``candidates`` or ``compare``).
+    compare : list of str or None, default=None
+        More candidate names, fitted and scored (``scores_``, and kept with
+        ``keep_candidates=True``) for comparison but never chosen.
     max_images : int or None, default=256
         At most this many random source and target images per site for the AdaBN statistics
         and the discrepancy measures (every row is still transformed).
@@ -327,8 +336,9 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         One row per candidate, in the order of ``candidates``: ``status`` (``"ok"``,
         ``"skipped: ..."`` or ``"failed: ..."``), the criteria (``source_auc``,
         ``source_auc_change``, ``mmd``, ``mmd_p``, ``mmd_reduction``, ``agreement``,
-        ``corroboration``, ``score_ks``, ``entropy``), ``seconds``, ``verdict`` (why it
-        passed or failed the rule) and ``chosen``.
+        ``corroboration``, ``corroborated_by``, ``score_ks``, ``entropy``), ``seconds``,
+        ``verdict`` (why it passed or failed the rule) and ``chosen``; then the ``compare``
+        candidates.
     features_ : transformer
         The fitted feature transformer.
     estimator_ : classifier

@@ -395,3 +395,34 @@ def test_domain_adapter_check_shift():
     assert ok.shift_changes_ and not ok.shift_changes_["A"].increased
     assert ok.shift_changes_["A"].mmd_after < ok.shift_changes_["A"].mmd_before
     assert off.shift_changes_ == {}
+
+
+def test_corroboration_is_by_the_witnesses(data):
+    # AdaBN is corroborated by ComBat, ComBat by AdaBN, any other candidate by both
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HarmonizationWarning)
+        auto = _auto(candidates=["adabn", "combat", "histogram"]).fit(
+            data["source"], data["y"], X_target=data["target"]
+        )
+    table = auto.scores_
+    assert table.loc["adabn", "corroborated_by"] == "combat"
+    assert table.loc["combat", "corroborated_by"] == "adabn"
+    assert table.loc["histogram", "corroborated_by"] == "adabn, combat"
+    # ComBat passes only when corroborated, like every other candidate
+    if table.loc["combat", "corroboration"] <= auto.min_corroboration:
+        assert table.loc["combat", "verdict"].startswith("rejected")
+    with pytest.raises(ValueError, match="witnesses"):
+        _auto(witnesses=["adabm"]).fit(data["source"], data["y"], X_target=data["target"])
+
+
+def test_compared_candidates_are_scored_but_never_chosen(data):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HarmonizationWarning)
+        auto = _auto(candidates=["histogram"], compare=["adabn"], keep_candidates=True)
+        auto.fit(data["source"], data["y"], X_target=data["target"])
+    table = auto.scores_
+    assert list(table.index) == ["none", "histogram", "adabn"]
+    assert table.loc["adabn", "status"] == "ok"
+    assert table.loc["adabn", "verdict"].startswith("compared only")
+    assert auto.choice_ != "adabn" and not table.loc["adabn", "chosen"]
+    assert auto.predict_proba(data["target"], candidate="adabn").shape == (60, 2)
