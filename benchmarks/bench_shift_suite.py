@@ -501,9 +501,7 @@ def main(argv=None):
             X_ev, y_ev = X_all[tgt], y_all[tgt]
             X_tr, y_tr = X_all[src], y_all[src]
         else:
-            splits = load_medmnist_splits(
-                dataset, splits=["train", args.split], missing="skip"
-            )
+            splits = load_medmnist_splits(dataset, splits=["train", args.split], missing="skip")
             if splits is None:
                 continue
             X_tr, y_tr = splits["train"]

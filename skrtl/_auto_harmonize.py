@@ -259,9 +259,10 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     order of ``candidates``, that keeps the source cross-validated AUC, removes most of the
     source-target discrepancy and is corroborated by the witnesses (AdaBN by ComBat, ComBat
     by AdaBN); without a measurable shift, or when no candidate passes, it is ``"none"``.
-    The rule is given in the module documentation and in ``docs/harmonization.md``. ``predict`` / ``predict_proba`` / ``decision_function`` /
-    ``transform`` run each row through the chosen harmonization (target rows through its
-    target side, rows of source sites through its source side) and the estimator.
+    The rule is given in the module documentation and in ``docs/harmonization.md``.
+    ``predict`` / ``predict_proba`` / ``decision_function`` / ``transform`` run each row
+    through the chosen harmonization (target rows through its target side, rows of source
+    sites through its source side) and the estimator.
 
     Parameters
     ----------
