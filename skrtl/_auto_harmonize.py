@@ -360,8 +360,9 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     estimates: where they cannot tell, the choice is ``"none"``; read ``scores_`` and
     ``reason_``. When a candidate increased the measured source-target discrepancy or lowered
     the source AUC, ``fit`` issues one :class:`~skrtl.HarmonizationWarning` naming them (they
-    are not chosen). One choice is made for all target sites together: fit one selector per
-    target site when their scanners differ.
+    are not chosen); when the target features are shifted but no candidate passed the rule,
+    another one (the target predictions are then unadapted). One choice is made for all
+    target sites together: fit one selector per target site when their scanners differ.
 
     Examples
     --------
@@ -723,6 +724,7 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         self._estimators = dict(ests) if self.keep_candidates else {}
         self.n_features_out_ = int(np.asarray(self._route.transform(source.iloc[:2])).shape[1])
         self._warn_harmful(table)
+        self._warn_uncorrected(table)
         return self
 
     # ----------------------------------------------------------------------------------------
@@ -823,6 +825,20 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
             )
         table.loc[choice, "chosen"] = True
         return choice, reason, table
+
+    def _warn_uncorrected(self, table):
+        """Warn when the target site is shifted but no candidate passed the rule."""
+        none = table.loc["none"]
+        shifted = none["mmd"] >= self.min_shift and none["mmd_p"] < self.shift_alpha
+        if shifted and self.choice_ == "none":
+            warnings.warn(
+                "AutoHarmonizer: the target features are shifted from the source (squared MMD "
+                f"{none['mmd']:.3g}, p = {none['mmd_p']:.3g}), but no harmonizer passed the rule "
+                "(see reason_): the target predictions are unadapted and may be less accurate "
+                "than on the source. Check them on a few labelled target cases.",
+                HarmonizationWarning,
+                stacklevel=3,
+            )
 
     def _warn_harmful(self, table):
         ok = table[(table["status"] == "ok") & (table.index != "none")]
