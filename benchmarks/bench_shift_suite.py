@@ -10,8 +10,9 @@ Protocol (one "cell" per data set, shift and severity): the linear probe
 ``StandardScaler`` -> ``LogisticRegression(C=0.05)``) is trained on the train split (the
 source site, at most ``--n-train`` images, a stratified random subsample); the target site is
 the evaluation split seen through the simulated scanner. :class:`skrtl.AutoHarmonizer` is
-fitted on the labelled source images and the *unlabelled* target images and keeps every
-candidate (``keep_candidates=True``). The target labels are used only to score:
+fitted on the labelled source images and the *unlabelled* target images with its default
+candidates, scores the others for comparison (``compare``) and keeps every one
+(``keep_candidates=True``). The target labels are used only to score:
 
 * ``auc_clean``: the probe on the uncorrupted evaluation split (no shift);
 * ``auc_none``: the probe on the shifted split, no adaptation;
@@ -25,14 +26,26 @@ lost`` on the cells that lose more than 0.02 AUC. Goals (issue 16): on no cell i
 automatic choice worse than no adaptation by more than 0.01 AUC; over the lossy cells it
 recovers on average at least 40 % of the lost AUC.
 
-Splits: ``--split val`` is the development grid (the validation split, corrupted with other
-seeds) on which the selector's rules and thresholds were chosen; ``--split test`` (default) is
-the reported grid, run once with the rules fixed.
+Splits:
+
+* ``--split traincv``: the development grid on which the current rule was chosen. The
+  official train split of each data set is cut (stratified, seeded) into a source part and a
+  held-out target part (``TRAINCV_TARGET`` images: 200 of BreastMNIST's 546, 400 of
+  PneumoniaMNIST's 4708, whose source part is then subsampled with ``--n-train 600``); the
+  target part is corrupted with seeds of its own. It never touches the validation or test
+  split.
+* ``--split val``: the first development grid (the validation split; only 78 BreastMNIST
+  images), on which the first rule was chosen.
+* ``--split test`` (default): the test split. ``results/shift_suite.json`` is the grid on
+  which the first rule was reported (seen, so no rule may be tuned on it);
+  ``--seed-offset N`` (N != 0) corrupts the test split with other seeds: a fresh test grid
+  (``results/shift_suite_fresh.json``), run once with the current rule fixed.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_shift_suite.py               # the test grid
-    OMP_NUM_THREADS=1 python benchmarks/bench_shift_suite.py --split val   # development grid
+    OMP_NUM_THREADS=1 python benchmarks/bench_shift_suite.py --split traincv --n-train 600
+    OMP_NUM_THREADS=1 python benchmarks/bench_shift_suite.py --seed-offset 5000  # fresh test
+    OMP_NUM_THREADS=1 python benchmarks/bench_shift_suite.py --split val   # first dev grid
     python benchmarks/bench_shift_suite.py --quick                         # smoke run
     # data sets in parallel, then one result file (and the docs tables)
     python benchmarks/bench_shift_suite.py --datasets breastmnist --out a.json
@@ -43,7 +56,8 @@ Usage::
 Use ``OMP_NUM_THREADS=1`` on a shared CPU: multi-threaded BLAS (the logistic regressions and
 CORAL's eigendecompositions) was many times slower than single-threaded there.
 
-Results: ``results/shift_suite.json`` (``results/shift_suite_dev.json`` for ``--split
+Results: ``results/shift_suite.json`` (``shift_suite_fresh.json`` with a seed offset,
+``shift_suite_traincv.json`` for ``--split traincv``, ``shift_suite_dev.json`` for ``--split
 val``; schema in ``_common.py``): one row of ``section`` "cell" per cell (with every
 candidate's unsupervised criteria), "clean" rows (the selector on the uncorrupted split,
 which should choose "none"), "harmonizer" rows (per harmonizer over the grid) and "total".
@@ -87,8 +101,32 @@ LOSSY = 0.02  # a cell "loses" when the shift costs more than this AUC
 MAX_HARM = 0.01  # goal: the automatic choice never below no adaptation by more than this
 GOAL_RECOVERED = 0.40
 SEVERITIES = (1, 3, 5)
-# the seeds of the corruptions: the reported grid and the development grid differ
-SEEDS = {"test": 0, "val": 1000}
+# the seeds of the corruptions: the reported grid and the development grids differ
+SEEDS = {"test": 0, "val": 1000, "traincv": 2000}
+# --split traincv: the official train split cut into a source part and a held-out target part
+# (stratified, seeded); at most this many target images per data set
+TRAINCV_TARGET = {"breastmnist": 200, "pneumoniamnist": 400}
+RESULT_NAMES = {"test": "shift_suite", "val": "shift_suite_dev", "traincv": "shift_suite_traincv"}
+
+
+def result_name(split: str, seed_offset: int) -> str:
+    """Result file stem: a test grid with other corruption seeds is a fresh grid."""
+    if split == "test" and seed_offset:
+        return "shift_suite_fresh"
+    return RESULT_NAMES[split]
+
+
+def traincv_split(y, n_target, seed):
+    """Source and held-out target rows of the train split (stratified, seeded)."""
+    rng = np.random.default_rng(seed)
+    target = []
+    for c in np.unique(y):
+        rows = np.flatnonzero(y == c)
+        k = int(round(n_target * rows.size / len(y)))
+        target.append(rng.choice(rows, min(k, rows.size - 2), replace=False))
+    target = np.sort(np.concatenate(target))
+    source = np.setdiff1d(np.arange(len(y)), target)
+    return source, target
 
 
 def shift_kinds(modality: str) -> list[str]:
@@ -133,7 +171,7 @@ def run_cell(dataset, kind, severity, seed, source, y_source, X_eval, y_eval, ar
     auto = AutoHarmonizer(
         features,
         estimator,
-        candidates=CANDIDATES,
+        compare=[c for c in CANDIDATES if c != "none"],  # scored and kept, chosen by the rule
         keep_candidates=True,
         random_state=0,
     )
@@ -336,8 +374,10 @@ def merge(args):
     if len(splits) != 1:
         raise SystemExit(f"--merge: the runs are of different splits {sorted(splits)!r}")
     split = splits.pop()
-    name = "shift_suite" if split == "test" else "shift_suite_dev"
-    bench = Benchmark(name, issue=16, args=args)
+    offsets = {p["config"].get("seed_offset", 0) for p in parts}
+    if len(offsets) != 1:
+        raise SystemExit(f"--merge: the runs have different seed offsets {sorted(offsets)!r}")
+    bench = Benchmark(result_name(split, offsets.pop()), issue=16, args=args)
     config = dict(parts[0]["config"])
     config["datasets"] = [d for p in parts for d in p["config"]["datasets"]]
     config["n_eval_max"] = {
@@ -360,7 +400,20 @@ def merge(args):
 
 def main(argv=None):
     ap = bench_parser(__doc__)
-    ap.add_argument("--split", choices=["test", "val"], default="test")
+    ap.add_argument(
+        "--split",
+        choices=["test", "val", "traincv"],
+        default="test",
+        help="evaluation split: test (reported), val (first development grid) or traincv "
+        "(development grid cut from the train split: never touches val or test)",
+    )
+    ap.add_argument(
+        "--seed-offset",
+        type=int,
+        default=0,
+        help="added to the corruption seeds (a non-zero offset on --split test is a fresh "
+        "test grid, results/shift_suite_fresh.json)",
+    )
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     ap.add_argument("--kinds", nargs="+", default=None, help="shifts (default: all 2-D)")
     ap.add_argument("--severities", nargs="+", type=int, default=list(SEVERITIES))
@@ -370,7 +423,8 @@ def main(argv=None):
         "--n-eval",
         type=int,
         default=None,
-        help="at most this many evaluation images (default: all for test, 256 for val)",
+        help="at most this many evaluation images (default: all for test, 256 for val, "
+        "TRAINCV_TARGET held-out train images for traincv)",
     )
     ap.add_argument("--dump", type=Path, default=None, help="save target features per cell")
     ap.add_argument(
@@ -394,8 +448,7 @@ def main(argv=None):
         return print(markdown_tables(args.table))
     if args.n_eval is None and args.split == "val":
         args.n_eval = 256
-    name = "shift_suite" if args.split == "test" else "shift_suite_dev"
-    bench = Benchmark(name, issue=16, args=args)
+    bench = Benchmark(result_name(args.split, args.seed_offset), issue=16, args=args)
     if args.quick:
         args.datasets, args.severities = args.datasets[:1], [3]
         args.kinds = args.kinds or ["blur", "gamma"]
@@ -406,7 +459,8 @@ def main(argv=None):
     rows: list[dict] = []
     config = {
         "split": args.split,
-        "seed": SEEDS[args.split],
+        "seed": SEEDS[args.split] + args.seed_offset,
+        "seed_offset": args.seed_offset,
         "datasets": args.datasets,
         "severities": args.severities,
         "input_size": args.input_size,
@@ -432,19 +486,29 @@ def main(argv=None):
                 "target labels are used only to score (auc_*), never by the selector",
                 "recovered fractions over the cells that lose more than 0.02 AUC",
                 f"evaluation split: {args.split}; corruption seeds derived from "
-                f"{SEEDS[args.split]}",
+                f"{SEEDS[args.split] + args.seed_offset}",
             ],
         )
 
     for dataset in args.datasets:
-        splits = load_medmnist_splits(dataset, splits=["train", args.split], missing="skip")
-        if splits is None:
-            continue
-        X_tr, y_tr = splits["train"]
+        if args.split == "traincv":
+            splits = load_medmnist_splits(dataset, splits=["train"], missing="skip")
+            if splits is None:
+                continue
+            X_all, y_all = splits["train"]
+            n_target = args.n_eval or TRAINCV_TARGET[dataset]
+            src, tgt = traincv_split(y_all, n_target, derive_seed(SEEDS["traincv"], dataset))
+            X_ev, y_ev = X_all[tgt], y_all[tgt]
+            X_tr, y_tr = X_all[src], y_all[src]
+        else:
+            splits = load_medmnist_splits(dataset, splits=["train", args.split], missing="skip")
+            if splits is None:
+                continue
+            X_tr, y_tr = splits["train"]
+            X_ev, y_ev = splits[args.split]
         keep = stratified_subsample(y_tr, args.n_train, derive_seed(0, "train", dataset))
         X_tr, y_tr = X_tr[keep], y_tr[keep]
-        X_ev, y_ev = splits[args.split]
-        if args.n_eval is not None and args.n_eval < len(y_ev):
+        if args.split != "traincv" and args.n_eval is not None and args.n_eval < len(y_ev):
             ev = stratified_subsample(y_ev, args.n_eval, derive_seed(0, "eval", dataset))
             X_ev, y_ev = X_ev[ev], y_ev[ev]
         source = make_image_frame(X_tr, sites=["A"] * len(X_tr))
@@ -459,7 +523,7 @@ def main(argv=None):
         kinds = args.kinds or shift_kinds(DATASETS[dataset])
         plan = [("clean", 0)] + [(k, s) for k in kinds for s in args.severities]
         for kind, severity in plan:
-            seed = derive_seed(SEEDS[args.split], dataset, kind, severity)
+            seed = derive_seed(SEEDS[args.split] + args.seed_offset, dataset, kind, severity)
             sw = Stopwatch()
             try:
                 res = run_cell(

@@ -21,11 +21,14 @@ The criteria (``scores_`` columns), on the final features of each candidate:
 ``agreement``
     Spearman correlation between the candidate's decision scores of the target images and
     those of no adaptation: 1 means the candidate changes no ranking.
-``corroboration``
-    Mean Spearman correlation of the candidate's target scores with those of the *other*
-    harmonizers, minus ``agreement``: positive when the candidate moved the target
-    predictions the way the other harmonizers (other mechanisms) moved them, rather than
-    staying with, or moving away from, the unadapted predictions in its own direction.
+``corroboration``, ``corroborated_by``
+    Mean Spearman correlation of the candidate's target scores with those of the
+    *witnesses* (``witnesses``: AdaBN and ComBat, two independent mechanisms, one in the
+    network and one on the features), minus ``agreement``: positive when the candidate moved
+    the target predictions the way the other mechanism moved them, rather than staying with,
+    or moving away from, the unadapted predictions in its own direction. AdaBN is
+    corroborated by ComBat, ComBat by AdaBN, any other candidate by both; without a fitted
+    witness other than itself, a candidate is corroborated by all other candidates.
 ``score_ks``, ``entropy``
     Reported, not used: the Kolmogorov-Smirnov distance between the standardised target
     scores and the out-of-fold source scores, and the mean entropy of the target
@@ -38,10 +41,10 @@ never on its reported grid; see ``docs/harmonization.md``):
    ``min_shift`` and significant at ``shift_alpha``;
 2. a candidate must keep the source AUC (within ``max_source_loss``) and remove at least
    ``min_shift_reduction`` of the squared MMD;
-3. ComBat (a per-feature location / scale correction, which cannot invent structure) must
-   change the predictions (``agreement < max_agreement``); every other candidate must be
-   corroborated (``corroboration > min_corroboration``);
-4. the first candidate of ``candidates`` that passes is chosen.
+3. every candidate must be corroborated (``corroboration > min_corroboration``); ComBat
+   must also change the predictions at all (``agreement < max_agreement``);
+4. the first candidate of ``candidates`` that passes is chosen; when none passes, or when
+   the witnesses disagree, no adaptation.
 """
 
 from __future__ import annotations
@@ -108,15 +111,9 @@ _ADABN = {
     "histogram_adabn": ("match", True),
 }
 # in order of preference (the rule takes the first that passes), from the development grid
-_DEFAULT_CANDIDATES = (
-    "none",
-    "adabn",
-    "combat",
-    "histogram",
-    "coral",
-    "subspace_alignment",
-    "adabn_recompute",
-)
+# (subspace alignment and classic AdaBN lowered the AUC on average on the development grids:
+# they are candidates by name only)
+_DEFAULT_CANDIDATES = ("none", "adabn", "combat", "histogram", "coral")
 # per-feature location / scale corrections: they keep the ranking of each feature within a
 # site and cannot invent structure, so they only need to change the predictions
 _LOCATION_SCALE = ("combat",)
@@ -260,12 +257,12 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     ``estimator`` on each candidate's source features and measures the candidates with
     criteria that use no target label. The candidate kept (``choice_``) is the first, in the
     order of ``candidates``, that keeps the source cross-validated AUC, removes most of the
-    source-target discrepancy and is corroborated by the other harmonizers (ComBat: changes
-    the predictions at all); without a measurable shift, or when no candidate passes, it is
-    ``"none"``. The rule is given in the module documentation and in
-    ``docs/harmonization.md``. ``predict`` / ``predict_proba`` / ``decision_function`` /
-    ``transform`` run each row through the chosen harmonization (target rows through its
-    target side, rows of source sites through its source side) and the estimator.
+    source-target discrepancy and is corroborated by the witnesses (AdaBN by ComBat, ComBat
+    by AdaBN); without a measurable shift, or when no candidate passes, it is ``"none"``.
+    The rule is given in the module documentation and in ``docs/harmonization.md``.
+    ``predict`` / ``predict_proba`` / ``decision_function`` / ``transform`` run each row
+    through the chosen harmonization (target rows through its target side, rows of source
+    sites through its source side) and the estimator.
 
     Parameters
     ----------
@@ -283,10 +280,11 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         ``"combat"``, ``"coral"``, ``"subspace_alignment"``) or of the mapping adapters of
         :data:`skrtl.DA_ADAPTERS`, in order of preference: the first that passes the rule is
         chosen. ``"none"`` is always a candidate. ``"auto"``: ``["adabn", "combat",
-        "histogram", "coral", "subspace_alignment", "adabn_recompute"]`` (``"adabn_keep"`` is
-        meant for networks whose statistics already are the source's, such as a fine-tuned
-        classifier). A non-ComBat candidate is corroborated by the *other* candidates, so it
-        needs at least one other.
+        "histogram", "coral"]`` (``"subspace_alignment"`` and ``"adabn_recompute"`` lowered
+        the AUC on average on the development grids; ``"adabn_keep"`` is meant for networks
+        whose statistics already are the source's, such as a fine-tuned classifier). A
+        candidate is corroborated by the witnesses other than itself (or by the other
+        candidates), so it needs at least one other.
     site_column : str or None, default="site"
         Column of the image frames holding each row's site (the routed ``sample_domain`` /
         ``target_domain`` take precedence). Without site labels the source rows form one site
@@ -309,9 +307,15 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     min_shift_reduction : float, default=0.5
         A candidate must remove at least this fraction of the unadapted squared MMD.
     min_corroboration : float, default=0.0
-        A candidate other than ComBat needs ``corroboration`` above this.
+        Every candidate needs ``corroboration`` above this.
     max_agreement : float, default=0.95
-        ComBat needs ``agreement`` (with the unadapted target scores) below this.
+        ComBat also needs ``agreement`` (with the unadapted target scores) below this.
+    witnesses : list of str, default=("adabn", "combat")
+        Candidates whose target predictions corroborate the others (fitted when they are in
+        ``candidates`` or ``compare``).
+    compare : list of str or None, default=None
+        More candidate names, fitted and scored (``scores_``, and kept with
+        ``keep_candidates=True``) for comparison but never chosen.
     max_images : int or None, default=256
         At most this many random source and target images per site for the AdaBN statistics
         and the discrepancy measures (every row is still transformed).
@@ -333,8 +337,9 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         One row per candidate, in the order of ``candidates``: ``status`` (``"ok"``,
         ``"skipped: ..."`` or ``"failed: ..."``), the criteria (``source_auc``,
         ``source_auc_change``, ``mmd``, ``mmd_p``, ``mmd_reduction``, ``agreement``,
-        ``corroboration``, ``score_ks``, ``entropy``), ``seconds``, ``verdict`` (why it
-        passed or failed the rule) and ``chosen``.
+        ``corroboration``, ``corroborated_by``, ``score_ks``, ``entropy``), ``seconds``,
+        ``verdict`` (why it passed or failed the rule) and ``chosen``; then the ``compare``
+        candidates.
     features_ : transformer
         The fitted feature transformer.
     estimator_ : classifier
@@ -355,8 +360,9 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     estimates: where they cannot tell, the choice is ``"none"``; read ``scores_`` and
     ``reason_``. When a candidate increased the measured source-target discrepancy or lowered
     the source AUC, ``fit`` issues one :class:`~skrtl.HarmonizationWarning` naming them (they
-    are not chosen). One choice is made for all target sites together: fit one selector per
-    target site when their scanners differ.
+    are not chosen); when the target features are shifted but no candidate passed the rule,
+    another one (the target predictions are then unadapted). One choice is made for all
+    target sites together: fit one selector per target site when their scanners differ.
 
     Examples
     --------
@@ -379,6 +385,8 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         "min_shift_reduction": [Interval(Real, 0, 1, closed="both")],
         "min_corroboration": [Interval(Real, None, None, closed="neither")],
         "max_agreement": [Interval(Real, None, None, closed="neither")],
+        "witnesses": [list, tuple],
+        "compare": [list, tuple, None],
         "max_images": [Interval(Integral, 8, None, closed="left"), None],
         "keep_candidates": ["boolean"],
         "random_state": ["random_state"],
@@ -400,6 +408,8 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         min_shift_reduction=0.5,
         min_corroboration=0.0,
         max_agreement=0.95,
+        witnesses=("adabn", "combat"),
+        compare=None,
         max_images=256,
         keep_candidates=False,
         random_state=None,
@@ -417,6 +427,8 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         self.min_shift_reduction = min_shift_reduction
         self.min_corroboration = min_corroboration
         self.max_agreement = max_agreement
+        self.witnesses = witnesses
+        self.compare = compare
         self.max_images = max_images
         self.keep_candidates = keep_candidates
         self.random_state = random_state
@@ -424,11 +436,9 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
 
     # ----------------------------------------------------------------------------------------
     def _candidate_names(self) -> list[str]:
-        if isinstance(self.candidates, str):
-            return list(_DEFAULT_CANDIDATES)
         known = set(HARMONIZER_CANDIDATES) | set(_mapping_adapters())
         names = []
-        for c in self.candidates:
+        for c in [*self._choosable(), *(self.compare or ())]:
             if not isinstance(c, str) or c not in known:
                 raise ValueError(
                     f"candidates holds {c!r}, which is not a candidate name; use names of "
@@ -439,6 +449,11 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         if "none" in names:
             names.remove("none")
         return ["none", *names]
+
+    def _choosable(self) -> list[str]:
+        if isinstance(self.candidates, str):
+            return list(_DEFAULT_CANDIDATES)
+        return list(self.candidates)
 
     def _labels(self, X, sample_domain, default, name):
         labels = site_labels(
@@ -665,6 +680,13 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
             "target_labels": tgt_labels,
         }
         names = self._candidate_names()
+        known = set(HARMONIZER_CANDIDATES) | set(_mapping_adapters())
+        bad = [w for w in self.witnesses if not isinstance(w, str) or w not in known]
+        if bad:
+            raise ValueError(
+                f"witnesses holds {bad!r}, which are not candidate names; use names of "
+                f"{sorted(known)!r} (e.g. witnesses=('adabn', 'combat'))."
+            )
         network = self._has_network(self.features_)
         rows, routes, ests, target_scores = [], {}, {}, {}
         from tqdm.auto import tqdm
@@ -702,21 +724,26 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         self._estimators = dict(ests) if self.keep_candidates else {}
         self.n_features_out_ = int(np.asarray(self._route.transform(source.iloc[:2])).shape[1])
         self._warn_harmful(table)
+        self._warn_uncorrected(table)
         return self
 
     # ----------------------------------------------------------------------------------------
-    @staticmethod
-    def _add_agreement(table, target_scores):
-        """``agreement`` with no adaptation and ``corroboration`` by the other harmonizers."""
+    def _add_agreement(self, table, target_scores):
+        """``agreement`` with no adaptation and ``corroboration`` by the witnesses."""
         table["agreement"] = np.nan
         table["corroboration"] = np.nan
+        table["corroborated_by"] = ""
         others = [n for n in target_scores if n != "none"]
+        witnesses = [w for w in self.witnesses if w in target_scores and w != "none"]
         for name, scores in target_scores.items():
             table.loc[name, "agreement"] = _agreement(target_scores["none"], scores)
-            pool = [o for o in others if o != name]
-            if name != "none" and pool:
+            if name == "none":
+                continue
+            pool = [w for w in witnesses if w != name] or [o for o in others if o != name]
+            if pool:
                 mean = np.mean([_agreement(scores, target_scores[o]) for o in pool])
                 table.loc[name, "corroboration"] = mean - table.loc[name, "agreement"]
+                table.loc[name, "corroborated_by"] = ", ".join(pool)
 
     def _select(self, table):
         """The chosen candidate, the reason and the table with the decision columns."""
@@ -729,9 +756,13 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         table["chosen"] = False
         table.loc["none", "verdict"] = "the default"
         shifted = none["mmd"] >= self.min_shift and none["mmd_p"] < self.shift_alpha
+        choosable = set(self._choosable())
         choice = None
         for name, row in table.iterrows():
             if name == "none":
+                continue
+            if name not in choosable:
+                table.loc[name, "verdict"] = "compared only (in compare, not in candidates)"
                 continue
             if row["status"] != "ok":
                 table.loc[name, "verdict"] = row["status"]
@@ -744,16 +775,15 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
                 why.append(f"lowers the source AUC by {-row['source_auc_change']:.3f}")
             if row["mmd_reduction"] < self.min_shift_reduction:
                 why.append(f"removes only {100 * row['mmd_reduction']:.0f} % of the shift")
-            if name in _LOCATION_SCALE:
-                if not row["agreement"] < self.max_agreement:
-                    agr = row["agreement"]
-                    why.append(f"barely changes the predictions (agreement {agr:.2f})")
+            if name in _LOCATION_SCALE and not row["agreement"] < self.max_agreement:
+                agr = row["agreement"]
+                why.append(f"barely changes the predictions (agreement {agr:.2f})")
             elif not row["corroboration"] > self.min_corroboration:
                 cor = row["corroboration"]
                 why.append(
                     "no other harmonizer to corroborate it"
                     if not np.isfinite(cor)
-                    else f"not corroborated by the other harmonizers ({cor:+.2f})"
+                    else f"not corroborated by {row['corroborated_by']} ({cor:+.2f})"
                 )
             if why:
                 table.loc[name, "verdict"] = "rejected: " + "; ".join(why)
@@ -775,7 +805,7 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
             rejected = [
                 f"{n}: {v.removeprefix('rejected: ')}"
                 for n, v in table["verdict"].items()
-                if n != "none"
+                if n != "none" and n in choosable
             ]
             reason = (
                 f"none: the unadapted features are shifted ({shift}), but no candidate passed "
@@ -784,9 +814,8 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         else:
             c = table.loc[choice]
             support = (
-                f"changes the predictions (agreement with no adaptation {c['agreement']:.2f})"
-                if choice in _LOCATION_SCALE
-                else f"is corroborated by the other harmonizers ({c['corroboration']:+.2f})"
+                f"is corroborated by {c['corroborated_by']} ({c['corroboration']:+.2f}: it moves "
+                "the target predictions their way)"
             )
             reason = (
                 f"{choice} ({HARMONIZER_CANDIDATES.get(choice, choice)}): the unadapted features "
@@ -796,6 +825,20 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
             )
         table.loc[choice, "chosen"] = True
         return choice, reason, table
+
+    def _warn_uncorrected(self, table):
+        """Warn when the target site is shifted but no candidate passed the rule."""
+        none = table.loc["none"]
+        shifted = none["mmd"] >= self.min_shift and none["mmd_p"] < self.shift_alpha
+        if shifted and self.choice_ == "none":
+            warnings.warn(
+                "AutoHarmonizer: the target features are shifted from the source (squared MMD "
+                f"{none['mmd']:.3g}, p = {none['mmd_p']:.3g}), but no harmonizer passed the rule "
+                "(see reason_): the target predictions are unadapted and may be less accurate "
+                "than on the source. Check them on a few labelled target cases.",
+                HarmonizationWarning,
+                stacklevel=3,
+            )
 
     def _warn_harmful(self, table):
         ok = table[(table["status"] == "ok") & (table.index != "none")]

@@ -127,15 +127,7 @@ def fitted(data):
 def test_fitted_attributes_and_criteria_table(fitted, data):
     auto = fitted
     table = auto.scores_
-    assert list(table.index) == [
-        "none",
-        "adabn",
-        "combat",
-        "histogram",
-        "coral",
-        "subspace_alignment",
-        "adabn_recompute",
-    ]
+    assert list(table.index) == ["none", "adabn", "combat", "histogram", "coral"]
     assert (table["status"] == "ok").all()
     for col in ("source_auc", "mmd", "mmd_p", "agreement", "corroboration", "verdict", "chosen"):
         assert col in table.columns
@@ -180,8 +172,7 @@ def test_a_corroborated_batchnorm_fix_is_chosen(data):
 
 def test_an_uncorroborated_candidate_is_rejected(data):
     # ComBat and histogram matching do not move the predictions AdaBN's way here
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", HarmonizationWarning)
+    with pytest.warns(HarmonizationWarning, match="no harmonizer passed the rule"):
         auto = _auto(candidates=["adabn", "histogram", "combat"]).fit(
             data["source"], data["y"], X_target=data["target"]
         )
@@ -193,7 +184,11 @@ def test_an_uncorroborated_candidate_is_rejected(data):
 
 
 def test_no_shift_means_no_adaptation(data):
-    auto = _auto().fit(data["source"], data["y"], X_target=data["same"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", HarmonizationWarning)
+        auto = _auto().fit(data["source"], data["y"], X_target=data["same"])
+    # nothing to correct: no warning that the shift is left uncorrected
+    assert not any("no harmonizer passed" in str(w.message) for w in caught)
     assert auto.choice_ == "none"
     assert "no source-target shift worth correcting" in auto.reason_
     assert (auto.scores_["verdict"].iloc[1:] == "not considered: no shift to correct").all()
@@ -403,3 +398,34 @@ def test_domain_adapter_check_shift():
     assert ok.shift_changes_ and not ok.shift_changes_["A"].increased
     assert ok.shift_changes_["A"].mmd_after < ok.shift_changes_["A"].mmd_before
     assert off.shift_changes_ == {}
+
+
+def test_corroboration_is_by_the_witnesses(data):
+    # AdaBN is corroborated by ComBat, ComBat by AdaBN, any other candidate by both
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HarmonizationWarning)
+        auto = _auto(candidates=["adabn", "combat", "histogram"]).fit(
+            data["source"], data["y"], X_target=data["target"]
+        )
+    table = auto.scores_
+    assert table.loc["adabn", "corroborated_by"] == "combat"
+    assert table.loc["combat", "corroborated_by"] == "adabn"
+    assert table.loc["histogram", "corroborated_by"] == "adabn, combat"
+    # ComBat passes only when corroborated, like every other candidate
+    if table.loc["combat", "corroboration"] <= auto.min_corroboration:
+        assert table.loc["combat", "verdict"].startswith("rejected")
+    with pytest.raises(ValueError, match="witnesses"):
+        _auto(witnesses=["adabm"]).fit(data["source"], data["y"], X_target=data["target"])
+
+
+def test_compared_candidates_are_scored_but_never_chosen(data):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HarmonizationWarning)
+        auto = _auto(candidates=["histogram"], compare=["adabn"], keep_candidates=True)
+        auto.fit(data["source"], data["y"], X_target=data["target"])
+    table = auto.scores_
+    assert list(table.index) == ["none", "histogram", "adabn"]
+    assert table.loc["adabn", "status"] == "ok"
+    assert table.loc["adabn", "verdict"].startswith("compared only")
+    assert auto.choice_ != "adabn" and not table.loc["adabn", "chosen"]
+    assert auto.predict_proba(data["target"], candidate="adabn").shape == (60, 2)
