@@ -14,7 +14,8 @@ choices are fixed:
     configuration changes one factor of the default. The test splits are not read.
 ``--phase test`` (the report)
     The configuration fixed after the dev phase (the estimator's defaults), fitted on the
-    official train + validation splits, scored on the test split with 3 seeds.
+    official train + validation splits (``--n-fit``: a stratified subsample of them), scored on
+    the test split with 3 seeds.
 
 The members of an ensemble of ``m`` networks are the first ``m`` members of the 5-network
 ensemble (same folds, same member seeds), so the rows of the default also give the ensembles
@@ -161,6 +162,9 @@ def main(argv=None):
     parser.add_argument("--dataset", default="breastmnist")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--n-train", type=int, default=800, help="PneumoniaMNIST train subsample")
+    parser.add_argument(
+        "--n-fit", type=int, default=None, help="test phase: fit on a subsample of train + val"
+    )
     parser.add_argument("--only", default=None, help="config names separated by |")
     parser.add_argument(
         "--append",
@@ -186,6 +190,10 @@ def main(argv=None):
             configs = {k: v for k, v in configs.items() if k in keep}
     else:
         X, y = pooled(splits, "train", "val")
+        if args.n_fit and len(y) > args.n_fit:  # a stratified subsample (CPU budget)
+            X, _, y, _ = train_test_split(
+                X, y, train_size=args.n_fit, stratify=y, random_state=12345
+            )
         X_eval, y_eval = splits["test"]
         configs = {"defaults": {}}
     if args.quick:

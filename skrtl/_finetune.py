@@ -1088,7 +1088,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
     (12, 2)
     """
 
-    _AUTO_INPUT_SIZE = 96
+    _AUTO_INPUT_SIZE = 128
 
     _parameter_constraints: dict = {
         **BaseFineTune._parameter_constraints,

@@ -346,7 +346,7 @@ def test_volumetric_parameters_are_checked():
         PretrainedCNNFeatures(mode="3d", volumetric="acs", input_size=(32, 32)).fit(frame)
     fe = PretrainedCNNFeatures(mode="3d", volumetric="inflate", precision="fp32")
     assert fe._check_image_params()[0] == (64, 64, 64)  # input_size="auto"
-    assert FineTuneClassifier()._check_image_params()[0] == (96, 96)
+    assert FineTuneClassifier()._check_image_params()[0] == (128, 128)
     assert PretrainedCNNFeatures()._check_image_params()[0] == (224, 224)
 
 
