@@ -42,7 +42,6 @@ from _common import (
     Benchmark,
     Stopwatch,
     bench_parser,
-    flat_summary,
     load_medmnist_splits,
     pooled,
     read_result,
@@ -136,7 +135,7 @@ def make(params: dict, seed: int, quick: bool):
 
         params["callbacks"] = [("weight_ema", WeightEMA(decay=ema))]
     if quick:
-        params.update(max_epochs=2, input_size=params.get("input_size", 64) // 2 * 1)
+        params.update(max_epochs=2, input_size=params.get("input_size", 64) // 2)
     cls = AUCStoppedFineTune if auc_stop else FineTuneClassifier
     return cls(random_state=seed, **params)
 
@@ -153,7 +152,7 @@ def summarise(rows) -> dict:
             if vals:
                 summary[f"{cfg}.{m}_mean"] = round(float(np.mean(vals)), 4)
         summary[f"{cfg}.n_seeds"] = len(sel)
-    return summary or flat_summary(rows, keys=["config"], metrics=metrics)
+    return summary
 
 
 def main(argv=None):

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 import optuna
+import torch
 from skorch.callbacks import Callback, EpochScoring
 
 __all__ = [
@@ -256,8 +257,6 @@ class WeightEMA(Callback):
     def on_batch_end(self, net, batch=None, training=None, **kwargs):
         if not training or self.ema_ is None:
             return
-        import torch
-
         self.updates_ += 1
         d = min(float(self.decay), (1.0 + self.updates_) / (10.0 + self.updates_))
         with torch.no_grad():
@@ -279,8 +278,6 @@ class WeightEMA(Callback):
     def _load_average(self, net):
         if self.live_ is not None or self.ema_ is None:
             return
-        import torch
-
         params = self._params(net)
         self.live_ = [p.detach().clone() for p in params]
         with torch.no_grad():
@@ -290,8 +287,6 @@ class WeightEMA(Callback):
     def _restore_live(self, net):
         if self.live_ is None:
             return
-        import torch
-
         with torch.no_grad():
             for w, p in zip(self.live_, self._params(net)):
                 p.copy_(w)
