@@ -5,10 +5,26 @@ Everything is small (a few 32 px images) so that tests stay fast on two CPU core
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import os
 
-from skrtl import make_image_frame
+# pytest-xdist runs several worker processes; each one's torch, OpenMP and BLAS would otherwise
+# start one thread per core, and oversubscribed OpenMP threads spin-wait: on two cores the
+# suite ran 8-10x slower with `pytest -n 2` than with one thread per worker. Set before torch is
+# imported (here and in any process a test starts, which inherits the environment).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    _threads = str(max(1, (os.cpu_count() or 1) // max(1, _workers)))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, _threads)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+from skrtl import make_image_frame  # noqa: E402
 
 SIZE = 32
 
