@@ -178,10 +178,16 @@ def run_cell(dataset, kind, severity, seed, source, y_source, X_eval, y_eval, ar
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", HarmonizationWarning)
         auto.fit(source, y_source, X_target=target)
-    aucs = {}
+    aucs, probas = {}, {}
     for name in auto.candidates_:
         proba = auto.predict_proba(target, candidate=name)[:, 1]
+        probas[name] = proba.astype(np.float32)
         aucs[name] = float(roc_auc_score(y_eval, proba))
+    if args.save_proba is not None:  # target probabilities per candidate, for offline analysis
+        args.save_proba.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(
+            args.save_proba / f"{dataset}_{kind}_{severity}.npz", y=y_eval, **probas
+        )
     table = auto.scores_
     criteria = {}
     for name, row in table.iterrows():
@@ -427,6 +433,12 @@ def main(argv=None):
         "TRAINCV_TARGET held-out train images for traincv)",
     )
     ap.add_argument("--dump", type=Path, default=None, help="save target features per cell")
+    ap.add_argument(
+        "--save-proba",
+        type=Path,
+        default=None,
+        help="save each candidate's target probabilities per cell (npz) in this folder",
+    )
     ap.add_argument(
         "--merge",
         nargs="+",
