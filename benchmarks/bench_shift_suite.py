@@ -90,6 +90,7 @@ from skrtl.utils import derive_seed
 DATASETS = {"breastmnist": "us", "pneumoniamnist": "xray"}
 CANDIDATES = [
     "none",
+    "consensus",
     "adabn",
     "adabn_recompute",
     "histogram",
@@ -111,8 +112,8 @@ RESULT_NAMES = {"test": "shift_suite", "val": "shift_suite_dev", "traincv": "shi
 
 def result_name(split: str, seed_offset: int) -> str:
     """Result file stem: a test grid with other corruption seeds is a fresh grid."""
-    if split == "test" and seed_offset:
-        return "shift_suite_fresh"
+    if split == "test" and seed_offset:  # the first fresh grid kept its name
+        return "shift_suite_fresh" if seed_offset == 5000 else f"shift_suite_fresh{seed_offset}"
     return RESULT_NAMES[split]
 
 
@@ -299,6 +300,7 @@ def print_cell(r):
 
 SHORT = {
     "none": "none",
+    "consensus": "consensus",
     "adabn": "AdaBN",
     "adabn_recompute": "AdaBN-rec",
     "histogram": "hist",
@@ -345,13 +347,17 @@ def markdown_tables(path) -> str:
             + " / ".join(str(v) for v in sorted({c["severity"] for c in mine}))
             + "; ΔAUC = AUC - AUC without adaptation; fail: the candidate failed on that cell.",
             "",
-            "| shift | lost AUC | AdaBN Δ | hist Δ | ComBat Δ | CORAL Δ | auto: choice Δ |",
-            "|---|---|---|---|---|---|---|",
+            "| shift | lost AUC | AdaBN Δ | ComBat Δ | consensus Δ | hist Δ | CORAL Δ "
+            "| auto: choice Δ |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for kind in dict.fromkeys(c["kind"] for c in mine):
             by = [c for c in sorted(mine, key=lambda c: c["severity"]) if c["kind"] == kind]
             lost = " / ".join(f"{c['lost']:+.2f}" for c in by)
-            deltas = [_deltas(by, name) for name in ("adabn", "histogram", "combat", "coral")]
+            deltas = [
+                _deltas(by, name)
+                for name in ("adabn", "combat", "consensus", "histogram", "coral")
+            ]
             auto = " / ".join(
                 f"{SHORT.get(c['choice'], c['choice'])} {c['auc_auto'] - c['auc_none']:+.2f}"
                 for c in by
@@ -362,6 +368,7 @@ def markdown_tables(path) -> str:
 
 HARMONIZER_CANDIDATES_DOC = {
     "none": "no adaptation",
+    "consensus": "consensus (AdaBN + ComBat)",
     "adabn": "AdaBN (`match`)",
     "adabn_recompute": "AdaBN (`recompute`)",
     "histogram": "histogram matching",

@@ -103,6 +103,7 @@ HARMONIZER_CANDIDATES: dict[str, str] = {
     "combat": "ComBatHarmonizer on the features, fitted with the target site",
     "coral": "skada CORAL on the features (source recoloured with the target covariance)",
     "subspace_alignment": "skada subspace alignment on the features (at most 32 components)",
+    "consensus": "AdaBN and ComBat together: the mean of their log-probabilities (the witnesses)",
 }
 _ADABN = {
     "adabn": ("match", False),
@@ -113,7 +114,7 @@ _ADABN = {
 # in order of preference (the rule takes the first that passes), from the development grid
 # (subspace alignment and classic AdaBN lowered the AUC on average on the development grids:
 # they are candidates by name only)
-_DEFAULT_CANDIDATES = ("none", "adabn", "combat", "histogram", "coral")
+_DEFAULT_CANDIDATES = ("none", "consensus", "adabn", "combat", "histogram", "coral")
 # per-feature location / scale corrections: they keep the ranking of each feature within a
 # site and cannot invent structure, so they only need to change the predictions
 _LOCATION_SCALE = ("combat",)
@@ -247,6 +248,55 @@ class _Route:
         df = pd.DataFrame(F, columns=self.feature_names, index=frame.index)
         df[_COL] = frame[_COL].to_numpy()
         return np.asarray(self.feature_step.transform(df), dtype=np.float64)
+
+
+class _ConsensusRoute:
+    """The routes of the consensus members side by side: their features, concatenated."""
+
+    def __init__(self, name, routes):
+        self.name = name
+        self.routes = list(routes)
+
+    def transform(self, frame: pd.DataFrame) -> np.ndarray:
+        return np.hstack([route.transform(frame) for route in self.routes])
+
+
+class _Consensus:
+    """Fitted member classifiers, each on its own block of columns: mean log-probabilities.
+
+    For a binary logistic model the mean log-odds, i.e. the normalised geometric mean of the
+    members' probabilities (a product of experts): a ranking that two independent corrections
+    agree on wins, and one member's mistake is halved rather than taken whole.
+    """
+
+    def __init__(self, estimators, widths, classes):
+        self.estimators = list(estimators)
+        self.widths = [int(w) for w in widths]
+        self.classes_ = np.asarray(classes)
+
+    def _log_proba(self, F) -> np.ndarray:
+        F = np.asarray(F)
+        logs, start = [], 0
+        for est, width in zip(self.estimators, self.widths, strict=True):
+            p = np.asarray(est.predict_proba(F[:, start : start + width]), dtype=np.float64)
+            logs.append(np.log(np.clip(p, 1e-12, 1.0)))
+            start += width
+        return np.mean(logs, axis=0)
+
+    def predict_proba(self, F) -> np.ndarray:
+        log = self._log_proba(F)
+        log -= log.max(axis=1, keepdims=True)
+        p = np.exp(log)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def decision_function(self, F) -> np.ndarray:
+        log = self._log_proba(F)
+        if log.shape[1] == 2:
+            return log[:, 1] - log[:, 0]
+        return log - log.mean(axis=1, keepdims=True)
+
+    def predict(self, F) -> np.ndarray:
+        return self.classes_[np.argmax(self._log_proba(F), axis=1)]
 
 
 class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
@@ -448,6 +498,12 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
                 names.append(c)
         if "none" in names:
             names.remove("none")
+        if "consensus" in names:  # its members are fitted (compared only, unless candidates)
+            at = names.index("consensus")
+            for w in self.witnesses:
+                if isinstance(w, str) and w in known and w not in names and w != "none":
+                    names.insert(at, w)
+                    at += 1
         return ["none", *names]
 
     def _choosable(self) -> list[str]:
@@ -565,24 +621,45 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
 
     def _criteria(self, S, T, y, seed):
         """Criteria of one candidate from its source and target features."""
+        seed = derive_seed(seed, "criteria")
         est, oof = self._source_fit(S, y, seed)
+        return (est, *self._measure(est, oof, S, T, y, seed))
+
+    def _measure(self, est, oof, S, T, y, seed):
+        """The criteria row, target scores and out-of-fold source scores of a fitted route."""
         t_scores = _scores(est, T)
         rows_s = self._sub_source
         rows_t = self._sub_target
         mmd, mmd_p, _ = measure_shift(
             S[rows_s], T[rows_t], max_samples=len(rows_s) + len(rows_t), random_state=seed
         )
-        return (
-            est,
-            {
-                "source_auc": _auc(y, oof, self.classes_),
-                "mmd": mmd,
-                "mmd_p": mmd_p,
-                "score_ks": _shape_distance(oof, t_scores),
-                "entropy": _entropy(est, T),
-            },
-            t_scores,
-        )
+        crit = {
+            "source_auc": _auc(y, oof, self.classes_),
+            "mmd": mmd,
+            "mmd_p": mmd_p,
+            "score_ks": _shape_distance(oof, t_scores),
+            "entropy": _entropy(est, T),
+        }
+        return crit, t_scores, oof
+
+    def _consensus_members(self, fitted) -> list[str]:
+        return [w for w in dict.fromkeys(self.witnesses) if w != "none" and w in fitted]
+
+    def _consensus(self, members, fitted, routes, ests, y, seed):
+        """Route, estimator and criteria of the consensus of the fitted ``members``.
+
+        Its source out-of-fold scores are the mean of the members' (each member's estimator
+        cross-validated on its own features); its features are the members' side by side.
+        """
+        seed = derive_seed(seed, "criteria")
+        S = np.hstack([fitted[m][0] for m in members])
+        T = np.hstack([fitted[m][1] for m in members])
+        oof = np.mean([fitted[m][2] for m in members], axis=0)
+        widths = [fitted[m][0].shape[1] for m in members]
+        est = _Consensus([ests[m] for m in members], widths, self.classes_)
+        route = _ConsensusRoute("consensus", [routes[m] for m in members])
+        crit, t_scores, oof = self._measure(est, oof, S, T, y, seed)
+        return route, est, crit, t_scores, oof
 
     def _features_param(self):
         return self.features if self.features is not None else _default_features()
@@ -688,33 +765,51 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
                 f"{sorted(known)!r} (e.g. witnesses=('adabn', 'combat'))."
             )
         network = self._has_network(self.features_)
-        rows, routes, ests, target_scores = [], {}, {}, {}
+        rows, routes, ests, target_scores, fitted = {}, {}, {}, {}, {}
         from tqdm.auto import tqdm
 
-        for name in tqdm(names, disable=not self.verbose, desc="AutoHarmonizer", unit="cand"):
+        # the consensus averages fitted members: it comes last, its row keeps its place
+        order = [n for n in names if n != "consensus"] + [n for n in names if n == "consensus"]
+        for name in tqdm(order, disable=not self.verbose, desc="AutoHarmonizer", unit="cand"):
             row = {"candidate": name}
             started = time.perf_counter()
             if name in _NETWORK and not network:
                 row["status"] = f"skipped: {type(self.features_).__name__} runs no torch network"
-                rows.append(row)
+                rows[name] = row
                 continue
+            if name == "consensus":
+                members = self._consensus_members(fitted)
+                if len(members) < 2:
+                    row["status"] = (
+                        f"skipped: needs two fitted witnesses (witnesses={self.witnesses!r}; "
+                        f"fitted: {members!r})"
+                    )
+                    rows[name] = row
+                    continue
             try:
                 if name == "none":
                     route, S, T = _Route(name, None, self.features_, None, None), F_s, F_t
+                    est, crit, t_scores, oof = self._criteria(S, T, y, seed)
+                elif name == "consensus":
+                    route, est, crit, t_scores, oof = self._consensus(
+                        members, fitted, routes, ests, y, seed
+                    )
+                    S = T = None
                 else:
                     route = self._build(name, ctx)
                     S, T = route.transform(source), route.transform(target)
-                est, crit, t_scores = self._criteria(S, T, y, derive_seed(seed, "criteria"))
+                    est, crit, t_scores, oof = self._criteria(S, T, y, seed)
             except Exception as exc:  # a failing candidate is reported, the others go on
                 if name == "none":
                     raise
                 row["status"] = f"failed: {type(exc).__name__}: {exc}"
-                rows.append(row)
+                rows[name] = row
                 continue
             row.update(status="ok", **crit, seconds=time.perf_counter() - started)
-            rows.append(row)
+            rows[name] = row
             routes[name], ests[name], target_scores[name] = route, est, t_scores
-        table = pd.DataFrame(rows).set_index("candidate")
+            fitted[name] = (S, T, oof)
+        table = pd.DataFrame([rows[n] for n in names]).set_index("candidate")
         self._add_agreement(table, target_scores)
         self.choice_, self.reason_, table = self._select(table)
         self.scores_ = table
@@ -757,12 +852,34 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         table.loc["none", "verdict"] = "the default"
         shifted = none["mmd"] >= self.min_shift and none["mmd_p"] < self.shift_alpha
         choosable = set(self._choosable())
+        objections = {  # why each fitted candidate fails the rule on its own criteria
+            name: self._objections(name, row)
+            for name, row in table.iterrows()
+            if name not in ("none", "consensus") and row["status"] == "ok"
+        }
+        if "consensus" in table.index and table.loc["consensus", "status"] == "ok":
+            members = [m.strip() for m in table.loc["consensus", "corroborated_by"].split(",")]
+            row = table.loc["consensus"]
+            why = []
+            if row["source_auc_change"] < -self.max_source_loss:
+                why.append(f"lowers the source AUC by {-row['source_auc_change']:.3f}")
+            if all(objections.get(m) for m in members):
+                why.append(
+                    "no member passes the rule on its own ("
+                    + "; ".join(f"{m}: {'; '.join(objections[m])}" for m in members)
+                    + ")"
+                )
+            objections["consensus"] = why
         choice = None
         for name, row in table.iterrows():
             if name == "none":
                 continue
             if name not in choosable:
-                table.loc[name, "verdict"] = "compared only (in compare, not in candidates)"
+                table.loc[name, "verdict"] = (
+                    "compared only (in compare, not in candidates)"
+                    if name in (self.compare or ())
+                    else "compared only (a member of the consensus, not in candidates)"
+                )
                 continue
             if row["status"] != "ok":
                 table.loc[name, "verdict"] = row["status"]
@@ -770,21 +887,7 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
             if not shifted:
                 table.loc[name, "verdict"] = "not considered: no shift to correct"
                 continue
-            why = []
-            if row["source_auc_change"] < -self.max_source_loss:
-                why.append(f"lowers the source AUC by {-row['source_auc_change']:.3f}")
-            if row["mmd_reduction"] < self.min_shift_reduction:
-                why.append(f"removes only {100 * row['mmd_reduction']:.0f} % of the shift")
-            if name in _LOCATION_SCALE and not row["agreement"] < self.max_agreement:
-                agr = row["agreement"]
-                why.append(f"barely changes the predictions (agreement {agr:.2f})")
-            elif not row["corroboration"] > self.min_corroboration:
-                cor = row["corroboration"]
-                why.append(
-                    "no other harmonizer to corroborate it"
-                    if not np.isfinite(cor)
-                    else f"not corroborated by {row['corroborated_by']} ({cor:+.2f})"
-                )
+            why = objections[name]
             if why:
                 table.loc[name, "verdict"] = "rejected: " + "; ".join(why)
             elif choice is None:
@@ -811,6 +914,22 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
                 f"none: the unadapted features are shifted ({shift}), but no candidate passed "
                 f"the rule ({'; '.join(rejected)})."
             )
+        elif choice == "consensus":
+            c = table.loc[choice]
+            members = [m.strip() for m in c["corroborated_by"].split(",")]
+            passing = [
+                f"{m} (corroboration {table.loc[m, 'corroboration']:+.2f}, removes "
+                f"{100 * table.loc[m, 'mmd_reduction']:.0f} % of the shift)"
+                for m in members
+                if not objections.get(m)
+            ]
+            reason = (
+                f"consensus (the mean log-probabilities of {' and '.join(members)}): the "
+                f"unadapted features are shifted ({shift}); {', '.join(passing)} "
+                f"{'passes' if len(passing) == 1 else 'pass'} the rule on its own, and the "
+                f"consensus keeps the source AUC ({none['source_auc']:.3f} -> "
+                f"{c['source_auc']:.3f}) while halving the cost of either member's mistake."
+            )
         else:
             c = table.loc[choice]
             support = (
@@ -825,6 +944,24 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
             )
         table.loc[choice, "chosen"] = True
         return choice, reason, table
+
+    def _objections(self, name, row) -> list[str]:
+        """Why candidate ``name`` fails the rule on its own criteria (empty: it passes)."""
+        why = []
+        if row["source_auc_change"] < -self.max_source_loss:
+            why.append(f"lowers the source AUC by {-row['source_auc_change']:.3f}")
+        if row["mmd_reduction"] < self.min_shift_reduction:
+            why.append(f"removes only {100 * row['mmd_reduction']:.0f} % of the shift")
+        if name in _LOCATION_SCALE and not row["agreement"] < self.max_agreement:
+            why.append(f"barely changes the predictions (agreement {row['agreement']:.2f})")
+        elif not row["corroboration"] > self.min_corroboration:
+            cor = row["corroboration"]
+            why.append(
+                "no other harmonizer to corroborate it"
+                if not np.isfinite(cor)
+                else f"not corroborated by {row['corroborated_by']} ({cor:+.2f})"
+            )
+        return why
 
     def _warn_uncorrected(self, table):
         """Warn when the target site is shifted but no candidate passed the rule."""

@@ -127,7 +127,7 @@ def fitted(data):
 def test_fitted_attributes_and_criteria_table(fitted, data):
     auto = fitted
     table = auto.scores_
-    assert list(table.index) == ["none", "adabn", "combat", "histogram", "coral"]
+    assert list(table.index) == ["none", "consensus", "adabn", "combat", "histogram", "coral"]
     assert (table["status"] == "ok").all()
     for col in ("source_auc", "mmd", "mmd_p", "agreement", "corroboration", "verdict", "chosen"):
         assert col in table.columns
@@ -429,3 +429,74 @@ def test_compared_candidates_are_scored_but_never_chosen(data):
     assert table.loc["adabn", "verdict"].startswith("compared only")
     assert auto.choice_ != "adabn" and not table.loc["adabn", "chosen"]
     assert auto.predict_proba(data["target"], candidate="adabn").shape == (60, 2)
+
+
+def test_consensus_is_the_mean_log_probability_of_adabn_and_combat(fitted, data):
+    auto, T = fitted, data["target"]
+    p = {c: auto.predict_proba(T, candidate=c) for c in ("adabn", "combat", "consensus")}
+    geo = np.sqrt(p["adabn"] * p["combat"])
+    np.testing.assert_allclose(p["consensus"], geo / geo.sum(1, keepdims=True), rtol=1e-6)
+    d = {c: auto.decision_function(T, candidate=c) for c in ("adabn", "combat", "consensus")}
+    np.testing.assert_allclose(d["consensus"], (d["adabn"] + d["combat"]) / 2, rtol=1e-5)
+    np.testing.assert_array_equal(
+        auto.predict(T, candidate="consensus"), (d["consensus"] > 0).astype(int)
+    )
+    # its features are the members' side by side
+    F = auto.transform(T, candidate="consensus")
+    np.testing.assert_allclose(
+        F, np.hstack([auto.transform(T, candidate=c) for c in ("adabn", "combat")])
+    )
+    assert auto.scores_.loc["consensus", "corroborated_by"] == "adabn, combat"
+
+
+def _rule_table(**changes):
+    """A criteria table in which AdaBN passes the rule and the others do not."""
+    base = {"status": "ok", "source_auc": 0.8, "mmd": 0.05, "mmd_p": 0.3}
+    rows = {
+        "none": {**base, "mmd": 0.5, "mmd_p": 0.001, "agreement": 1.0},
+        "consensus": {**base, "agreement": 0.8, "corroboration": 0.2},
+        "adabn": {**base, "agreement": 0.7, "corroboration": 0.1},
+        "combat": {**base, "agreement": 0.99, "corroboration": 0.1},
+    }
+    for key, value in changes.items():
+        name, col = key.split("__")
+        rows[name][col] = value
+    table = pd.DataFrame(rows).T
+    table["corroborated_by"] = ["", "adabn, combat", "combat", "adabn"]
+    return table.infer_objects()
+
+
+def test_consensus_passes_when_a_member_passes_on_its_own():
+    auto = AutoHarmonizer(candidates=["consensus", "adabn", "combat"])
+    choice, reason, table = auto._select(_rule_table())
+    assert choice == "consensus" and table.loc["consensus", "verdict"] == "chosen"
+    assert "adabn (corroboration +0.10" in reason and "passes the rule on its own" in reason
+    assert table.loc["adabn", "verdict"].startswith("passes, after 'consensus'")
+    assert "barely changes" in table.loc["combat", "verdict"]
+    # no member passes: rejected, with the members' reasons
+    choice, reason, table = auto._select(_rule_table(adabn__corroboration=-0.1))
+    assert choice == "none"
+    verdict = table.loc["consensus", "verdict"]
+    assert verdict.startswith("rejected: no member passes the rule on its own (adabn: not corr")
+    # it must keep the source AUC itself
+    choice, _, table = auto._select(_rule_table(consensus__source_auc=0.7))
+    assert choice == "adabn"
+    assert table.loc["consensus", "verdict"] == "rejected: lowers the source AUC by 0.100"
+    # the members are fitted even when only the consensus is a candidate
+    assert AutoHarmonizer(candidates=["consensus"])._candidate_names() == [
+        "none",
+        "adabn",
+        "combat",
+        "consensus",
+    ]
+
+
+def test_consensus_is_skipped_without_two_witnesses(data):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HarmonizationWarning)
+        auto = AutoHarmonizer(StatFeatures(), cv=3, random_state=0).fit(
+            data["source"], data["y"], X_target=data["target"]
+        )
+    status = auto.scores_.loc["consensus", "status"]
+    assert status.startswith("skipped: needs two fitted witnesses") and "['combat']" in status
+    assert auto.choice_ != "consensus"
