@@ -6,7 +6,11 @@ and a user with only unlabelled images of the new site cannot measure which.
 :class:`AutoHarmonizer` fits every candidate (no adaptation, AdaBN, histogram matching, ComBat
 fitted with the target site, skada adapters) on labelled source images and unlabelled target
 images, measures each with criteria that use no target label, and keeps the first candidate,
-in order of preference, that the criteria clearly support; otherwise no adaptation. The choice,
+in order of preference, that the criteria clearly support; otherwise no adaptation. The first
+candidate by default is the *consensus* of the two witnesses, AdaBN and ComBat: the mean of
+their log-probabilities (a ranking both corrections agree on wins; one member's mistake is
+halved), which the development grid favoured over either member alone (``docs/benchmarks.md``).
+The choice,
 every candidate's criteria and the reason are fitted attributes (``choice_``, ``scores_``,
 ``reason_``).
 
@@ -43,7 +47,9 @@ never on its reported grid; see ``docs/harmonization.md``):
    ``min_shift_reduction`` of the squared MMD;
 3. every candidate must be corroborated (``corroboration > min_corroboration``); ComBat
    must also change the predictions at all (``agreement < max_agreement``);
-4. the first candidate of ``candidates`` that passes is chosen; when none passes, or when
+4. the consensus passes when it keeps the source AUC and at least one of its members passes
+   rules 2-3 on its own;
+5. the first candidate of ``candidates`` that passes is chosen; when none passes, or when
    the witnesses disagree, no adaptation.
 """
 
@@ -309,6 +315,9 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     order of ``candidates``, that keeps the source cross-validated AUC, removes most of the
     source-target discrepancy and is corroborated by the witnesses (AdaBN by ComBat, ComBat
     by AdaBN); without a measurable shift, or when no candidate passes, it is ``"none"``.
+    The default first candidate, ``"consensus"``, averages the log-probabilities of the two
+    witnesses' estimators; it passes when one of them passes on its own and it keeps the
+    source AUC.
     The rule is given in the module documentation and in ``docs/harmonization.md``.
     ``predict`` / ``predict_proba`` / ``decision_function`` / ``transform`` run each row
     through the chosen harmonization (target rows through its target side, rows of source
@@ -329,8 +338,11 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         ``"adabn_recompute"``, ``"adabn_keep"``, ``"histogram"``, ``"histogram_adabn"``,
         ``"combat"``, ``"coral"``, ``"subspace_alignment"``) or of the mapping adapters of
         :data:`skrtl.DA_ADAPTERS`, in order of preference: the first that passes the rule is
-        chosen. ``"none"`` is always a candidate. ``"auto"``: ``["adabn", "combat",
-        "histogram", "coral"]`` (``"subspace_alignment"`` and ``"adabn_recompute"`` lowered
+        chosen. ``"none"`` is always a candidate. ``"consensus"`` is the mean of the
+        log-probabilities of the witnesses (fitted for it even when not candidates; its
+        features, for ``transform``, are theirs side by side). ``"auto"``: ``["consensus",
+        "adabn", "combat", "histogram", "coral"]`` (``"subspace_alignment"`` and
+        ``"adabn_recompute"`` lowered
         the AUC on average on the development grids; ``"adabn_keep"`` is meant for networks
         whose statistics already are the source's, such as a fine-tuned classifier). A
         candidate is corroborated by the witnesses other than itself (or by the other
@@ -362,7 +374,8 @@ class AutoHarmonizer(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         ComBat also needs ``agreement`` (with the unadapted target scores) below this.
     witnesses : list of str, default=("adabn", "combat")
         Candidates whose target predictions corroborate the others (fitted when they are in
-        ``candidates`` or ``compare``).
+        ``candidates`` or ``compare``, or when ``"consensus"`` is), and the members of
+        ``"consensus"``.
     compare : list of str or None, default=None
         More candidate names, fitted and scored (``scores_``, and kept with
         ``keep_candidates=True``) for comparison but never chosen.
