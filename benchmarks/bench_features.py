@@ -412,6 +412,7 @@ class _Paths:
             "openvino_bf16_2streams": lambda: self.ov(X, bs, "bf16", streams=self.threads),
             "skrtl_openvino_fp32": lambda: self.skrtl(X, bs, backend="openvino", precision="fp32"),
             "skrtl_openvino_bf16": lambda: self.skrtl(X, bs, backend="openvino", precision="bf16"),
+            "skrtl_auto": lambda: self.skrtl(X, bs, backend="auto"),
             "skrtl_default": lambda: self.skrtl(X, bs),
         }
         return {k: all_paths[k] for k in which}
@@ -430,6 +431,7 @@ _ALL_PATHS = _BASELINES + (
     "openvino_bf16_2streams",
     "skrtl_openvino_fp32",
     "skrtl_openvino_bf16",
+    "skrtl_auto",
     "skrtl_default",
 )
 
@@ -459,7 +461,13 @@ def bench_backends(X, *, sizes, batch_sizes, repeats: int, threads: int) -> dict
         configs = [(size, 32, _ALL_PATHS)]
         if size == max(sizes):
             # the plain loop's rate does not depend on the batch size: timed at batch 32 only
-            sweep = ("skrtl_torch_mixed", "openvino_fp32", "openvino_bf16", "skrtl_default")
+            sweep = (
+                "skrtl_torch_mixed",
+                "openvino_fp32",
+                "openvino_bf16",
+                "skrtl_auto",
+                "skrtl_default",
+            )
             configs += [(size, bs, sweep) for bs in batch_sizes if bs != 32]
         for size_, bs, which in configs:
             for f in paths.funcs(X[:8], bs, which).values():  # build every runner first
@@ -505,7 +513,7 @@ def bench_backends(X, *, sizes, batch_sizes, repeats: int, threads: int) -> dict
             flat[f"default_vs_fastest_baseline_{r['input_size']}px"] = r[
                 "default_vs_fastest_baseline"
             ]
-    for k in ("skrtl_default", "openvino_bf16", "skrtl_torch_mixed"):
+    for k in ("skrtl_default", "skrtl_auto", "openvino_bf16", "skrtl_torch_mixed"):
         flat[f"{k}_rel_norm_diff"] = head["feature_diff_vs_fp32"][k]["rel_norm_diff"]
     return {
         "issue": 20,
@@ -535,6 +543,7 @@ def bench_backend_probe(X, y, *, input_size: int, threads: int, seed: int = 0) -
         "openvino_fp32",
         "openvino_bf16",
         "skrtl_openvino_fp32",
+        "skrtl_auto",
         "skrtl_default",
     )
     feats = {k: f() for k, f in paths.funcs(X, 32, keys).items()}
@@ -617,10 +626,12 @@ SUMMARY = (
     ("  at 224 px", "backends", "default_vs_fastest_baseline_224px"),
     ("features vs fp32, skrtl default (rel norm)", "backends", "skrtl_default_rel_norm_diff"),
     ("features vs fp32, OpenVINO bf16 (rel norm)", "backends", "openvino_bf16_rel_norm_diff"),
+    ("features vs fp32, skrtl auto (rel norm)", "backends", "skrtl_auto_rel_norm_diff"),
     ("probe CV AUC plain fp32", "backend_probe", "cv_auc_plain_timm_fp32"),
     ("probe CV AUC diff skrtl default", "backend_probe", "cv_auc_diff_skrtl_default"),
     ("  max over C", "backend_probe", "max_abs_cv_auc_diff_over_C_skrtl_default"),
     ("probe CV AUC diff skrtl torch mixed", "backend_probe", "cv_auc_diff_skrtl_torch_mixed"),
+    ("probe CV AUC diff skrtl auto (OpenVINO mixed)", "backend_probe", "cv_auc_diff_skrtl_auto"),
     ("probe CV AUC diff OpenVINO bf16", "backend_probe", "cv_auc_diff_openvino_bf16"),
     ("  max over C", "backend_probe", "max_abs_cv_auc_diff_over_C_openvino_bf16"),
 )

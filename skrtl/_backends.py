@@ -9,8 +9,8 @@ requested feature maps (float32 torch tensors) out; pooling stays in torch.
 Precision follows the torch path: ``"fp32"``; ``"bf16"`` (OpenVINO's bfloat16 inference
 precision); ``"mixed"``: the network is cut after transfer layer
 :data:`~skrtl._inference.MIXED_FP32_LAYERS` into a float32 head and a bfloat16 tail, two
-OpenVINO models run one after the other on each micro-batch. Several micro-batches run at
-once on separate OpenVINO streams (one per thread).
+OpenVINO models run one after the other on each micro-batch. The micro-batches of a batch run
+one after the other on one OpenVINO stream that uses every thread.
 
 Every runner is checked when it is built: its feature maps of a smooth probe image, globally
 average-pooled, must agree with the float32 torch network within :data:`BACKEND_TOLERANCE`
@@ -187,7 +187,7 @@ def _pooled_rel_diff(got: np.ndarray, ref: torch.Tensor) -> float:
 class _CompiledRunner:
     """Shared calling convention: micro-batches in, the requested maps (float32) out.
 
-    A lock serialises calls; one call spreads its micro-batches over the runner's streams.
+    A lock serialises calls; one call runs its micro-batches one after the other.
     """
 
     backend = ""
@@ -207,12 +207,11 @@ class _CompiledRunner:
 
     def run_numpy(self, x: np.ndarray) -> list[np.ndarray]:
         """The requested maps of the float32 NCHW batch ``x``, as numpy arrays."""
-        # a small batch is still spread over every stream
         step = max(1, min(self.micro_batch, -(-x.shape[0] // self.n_streams)))
         parts = [x[i : i + step] for i in range(0, x.shape[0], step)]
-        # the parts run one after the other on one stream: spreading them over the streams
-        # from a thread pool deadlocked at thread start in a fresh CI environment (an
-        # OpenVINO / OpenMP interaction that was not isolated), so it is not done
+        # the parts run one after the other on one stream (with every thread): spreading them
+        # over several streams from a thread pool deadlocked at thread start in a fresh CI
+        # environment (an OpenVINO / OpenMP interaction that was not isolated)
         with self.lock:
             slots = self._slots()
             slot = slots.get()
@@ -245,7 +244,7 @@ class _CompiledRunner:
 
 
 class OpenVINORunner(_CompiledRunner):
-    """OpenVINO copy of a network, on ``n_streams`` CPU streams (one thread each)."""
+    """OpenVINO copy of a network: one CPU stream running ``n_threads`` threads."""
 
     backend = "openvino"
 
@@ -253,7 +252,9 @@ class OpenVINORunner(_CompiledRunner):
         import openvino as ov
 
         n_threads = max(1, int(n_threads))
-        super().__init__(layer_modules, n_threads)
+        # one stream with every thread: the micro-batches run one after the other (see
+        # run_numpy), so one stream per thread left all threads but one idle (1.3-1.7x slower)
+        super().__init__(layer_modules, 1)
         core = ov.Core()
         model = core.read_model(onnx)
         results = model.get_results()
@@ -264,8 +265,8 @@ class OpenVINORunner(_CompiledRunner):
             return {
                 "INFERENCE_PRECISION_HINT": p,
                 "INFERENCE_NUM_THREADS": n_threads,
-                "NUM_STREAMS": self.n_streams,
-                "PERFORMANCE_HINT": "THROUGHPUT",
+                "NUM_STREAMS": 1,
+                "PERFORMANCE_HINT": "LATENCY",
             }
 
         if precision != "mixed":
@@ -398,7 +399,7 @@ def build_backend_runner(
         The fixed input size the runner is built for.
     precision : {"fp32", "mixed", "bf16"}
     n_threads : int, optional
-        CPU threads (OpenVINO: one stream per thread); default ``torch.get_num_threads()``.
+        CPU threads of the compiled copy; default ``torch.get_num_threads()``.
 
     Returns
     -------
