@@ -82,6 +82,14 @@ FINETUNES = {
         "n_estimators": 1,
         "freeze_depth": 5,
     },
+    # the default ensemble (5 cross-fitted networks) of the two val-best settings
+    "slices-2.5d-ens5": {"mode": "2.5d"},
+    "inflate-32-fd5-ens5": {
+        "mode": "3d",
+        "volumetric": "inflate",
+        "input_size": 32,
+        "freeze_depth": 5,
+    },
 }
 
 
@@ -161,9 +169,13 @@ def run_finetune(name, params, splits, quick, seed=0) -> dict:
             proba = clf.predict_proba(X)[:, 1]
         s = scores(y, proba)
         row[f"{split}_auc"], row[f"{split}_acc"] = s["auc"], s["acc"]
+        # accuracy of predict(): at the validation-chosen threshold_ (threshold="auto")
+        row[f"{split}_acc_predict"] = round(float(np.mean(clf.predict(X) == y)), 4)
     durs = [h["dur"] for hist in clf.histories_ for h in hist]
     n_rows = len(splits["train"][0]) * (1 - (clf.validation_fraction or 0))
     row.update(
+        threshold=clf.threshold_,
+        n_estimators=clf.n_estimators,
         freeze_depth=clf.freeze_depth_,
         cached_prefix_stages=clf.cached_prefix_,
         input_size=list(clf.input_config_["input_size"]),
