@@ -82,6 +82,22 @@ FINETUNES = {
         "n_estimators": 1,
         "freeze_depth": 5,
     },
+    # 64^3 and a lower learning rate (the 3-D members overfit from epoch 1-3), one network
+    "inflate-64-fd5": {
+        "mode": "3d",
+        "volumetric": "inflate",
+        "input_size": 64,
+        "n_estimators": 1,
+        "freeze_depth": 5,
+    },
+    "inflate-32-fd5-lr3e-4": {
+        "mode": "3d",
+        "volumetric": "inflate",
+        "input_size": 32,
+        "n_estimators": 1,
+        "freeze_depth": 5,
+        "lr": 3e-4,
+    },
     # the default ensemble (5 cross-fitted networks) of the two val-best settings
     "slices-2.5d-ens5": {"mode": "2.5d"},
     "inflate-32-fd5-ens5": {
