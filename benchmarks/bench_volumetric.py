@@ -100,6 +100,12 @@ FINETUNES = {
     },
     # the default ensemble (5 cross-fitted networks) of the two val-best settings
     "slices-2.5d-ens5": {"mode": "2.5d"},
+    "acs-32-fd5-ens5": {
+        "mode": "3d",
+        "volumetric": "acs",
+        "input_size": 32,
+        "freeze_depth": 5,
+    },
     "inflate-32-fd5-ens5": {
         "mode": "3d",
         "volumetric": "inflate",
