@@ -48,6 +48,16 @@ def blob_images(n: int = 12, size: int = SIZE, seed: int = 0):
     return X, y, masks
 
 
+def square_images(n: int = 16, n_classes: int = 2, seed: int = 0, shape=(SIZE, SIZE)):
+    """Noisy images ``(n, *shape)`` with a bright square whose brightness is the class."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % n_classes
+    X = rng.normal(0.0, 0.3, (n, *shape)).astype(np.float32)
+    for c in range(1, n_classes):
+        X[y == c, 8:24, 8:24] += c
+    return X, y
+
+
 def blob_volumes(n: int = 8, depth: int = 6, size: int = SIZE, seed: int = 0):
     """Volumes ``(n, depth, size, size)`` with a cubic lesion mask on two middle slices."""
     rng = np.random.default_rng(seed)

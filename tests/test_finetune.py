@@ -11,6 +11,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from conftest import square_images
 from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV
 from sklearn.utils._param_validation import InvalidParameterError
@@ -24,13 +25,7 @@ from skrtl._imaging import make_image_frame
 SIZE = 32
 
 
-def _data(n=16, n_classes=2, seed=0, shape=(SIZE, SIZE)):
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % n_classes
-    X = rng.normal(0.0, 0.3, (n, *shape)).astype(np.float32)
-    for c in range(1, n_classes):
-        X[y == c, 8:24, 8:24] += c  # a bright square per class
-    return X, y
+_data = square_images
 
 
 def _clf(**kw):

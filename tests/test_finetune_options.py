@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import sklearn
 import torch
+from conftest import square_images
 from sklearn.base import clone
 from sklearn.metrics import get_scorer, roc_auc_score
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_validate
@@ -34,12 +35,7 @@ from skrtl._finetune import SampleWeightedCrossEntropy
 SIZE = 32
 
 
-def _data(n=16, seed=0):
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % 2
-    X = rng.normal(0.0, 0.3, (n, SIZE, SIZE)).astype(np.float32)
-    X[y == 1, 8:24, 8:24] += 1.0
-    return X, y
+_data = square_images
 
 
 def _clf(**kw):

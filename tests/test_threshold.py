@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
+from conftest import square_images
 from sklearn.metrics import balanced_accuracy_score
 
 from skrtl import FineTuneClassifier
@@ -14,12 +17,7 @@ from skrtl.utils import choose_threshold
 SIZE = 32
 
 
-def _data(n=24, seed=0):
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % 2
-    X = rng.normal(0.0, 0.3, (n, SIZE, SIZE)).astype(np.float32)
-    X[y == 1, 8:24, 8:24] += 1.0
-    return X, y
+_data = partial(square_images, n=24)
 
 
 def _clf(**kw):

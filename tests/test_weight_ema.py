@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
+from functools import partial
+
 import torch
+from conftest import square_images
 from skorch.callbacks import Callback
 
 from skrtl import FineTuneClassifier
@@ -25,12 +27,7 @@ class LiveWeights(Callback):
             )
 
 
-def _data(n=24):
-    rng = np.random.default_rng(0)
-    y = np.arange(n) % 2
-    X = rng.normal(0.0, 0.3, (n, 32, 32)).astype(np.float32)
-    X[y == 1, 8:24, 8:24] += 1.0
-    return X, y
+_data = partial(square_images, n=24)
 
 
 def _expected_average(snapshots, start, decay):
