@@ -192,9 +192,8 @@ class _CompiledRunner:
 
     backend = ""
 
-    def __init__(self, layer_modules, n_streams: int):
+    def __init__(self, layer_modules):
         self.layer_modules = list(layer_modules)
-        self.n_streams = max(1, int(n_streams))
         self.micro_batch = CPU_MICRO_BATCH
         self.lock = threading.Lock()
         self.max_rel_diff = float("nan")
@@ -207,7 +206,7 @@ class _CompiledRunner:
 
     def run_numpy(self, x: np.ndarray) -> list[np.ndarray]:
         """The requested maps of the float32 NCHW batch ``x``, as numpy arrays."""
-        step = max(1, min(self.micro_batch, -(-x.shape[0] // self.n_streams)))
+        step = self.micro_batch
         parts = [x[i : i + step] for i in range(0, x.shape[0], step)]
         # the parts run one after the other on one stream (with every thread): spreading them
         # over several streams from a thread pool deadlocked at thread start in a fresh CI
@@ -254,7 +253,7 @@ class OpenVINORunner(_CompiledRunner):
         n_threads = max(1, int(n_threads))
         # one stream with every thread: the micro-batches run one after the other (see
         # run_numpy), so one stream per thread left all threads but one idle (1.3-1.7x slower)
-        super().__init__(layer_modules, 1)
+        super().__init__(layer_modules)
         core = ov.Core()
         model = core.read_model(onnx)
         results = model.get_results()
@@ -288,8 +287,7 @@ class OpenVINORunner(_CompiledRunner):
     def _slots(self):
         if self._slot_queue is None:
             q: queue.Queue = queue.Queue()
-            for _ in range(self.n_streams):
-                q.put([s[0].create_infer_request() for s in self.stages])
+            q.put([s[0].create_infer_request() for s in self.stages])
             self._slot_queue = q
         return self._slot_queue
 
@@ -355,7 +353,7 @@ class ONNXRuntimeRunner(_CompiledRunner):
     def __init__(self, onnx: bytes, *, names, layer_modules, n_threads):
         import onnxruntime as ort
 
-        super().__init__(layer_modules, 1)
+        super().__init__(layer_modules)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, int(n_threads))
         opts.inter_op_num_threads = 1
