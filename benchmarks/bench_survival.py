@@ -9,13 +9,13 @@ patients, overall survival in days and death indicator (129 events), and clinica
 Protocol: 5 x 5-fold cross-validation stratified on the event indicator; **the same folds for
 every model**. Everything that is learnt -- imputation, scaling, redundancy reduction, feature
 selection, the model, every hyper-parameter **and the model family** -- is fitted on the outer
-training fold only. In each outer training fold one inner 5-fold cross-validation (stratified
-on the event, Harrell's C) scores every configuration of every family below; each family's
-best configuration gives that family's nested row, and ``selected`` takes the best of *all*
-candidates (every configuration of every family and the ensembles of the family winners). The
-outer test fold is scored once, after that choice. ``selected`` is the honest number: the
-family rows are each honest on their own, but picking the best family row afterwards, by its
-outer score, is not.
+training fold only. In each outer training fold an inner 3 x 5-fold cross-validation
+(stratified on the event, Harrell's C; ``--inner-repeats``) scores every configuration of every
+family below; each family's best configuration gives that family's nested row, and ``selected``
+takes the best of *all* candidates (every configuration of every family and the ensembles of
+the family winners). The outer test fold is scored once, after that choice. ``selected`` is the
+honest number: the family rows are each honest on their own, but picking the best family row
+afterwards, by its outer score, is not.
 
 Fixed models (no tuning):
 
@@ -33,7 +33,7 @@ Families tuned by the inner CV (grid in ``FAMILIES``):
 * ``radiomics-nested``: the ``radiomics`` pipeline, k and penalty tuned;
 * ``fusion-cox``: ``make_survival_fusion`` of the clinical variables (all kept) and the
   radiomics (k selected) into one penalized Cox model;
-* ``fusion-rsf``: the same feature groups into scikit-survival's RandomSurvivalForest (200
+* ``fusion-rsf``: the same feature groups into scikit-survival's RandomSurvivalForest (1000
   trees, ``max_features="sqrt"``);
 * ``fusion-gbs``: the same groups (k = 20) into scikit-survival's gradient-boosted Cox trees;
 * ``coxnet``: elastic-net Cox (scikit-survival's CoxnetSurvivalAnalysis) on the clinical
@@ -84,7 +84,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.feature_selection import VarianceThreshold
 from sklearn.frozen import FrozenEstimator
 from sklearn.impute import SimpleImputer
-from sklearn.model_selection import ParameterGrid, RepeatedStratifiedKFold, StratifiedKFold
+from sklearn.model_selection import ParameterGrid, RepeatedStratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -142,8 +142,8 @@ def load(path: Path):
     return X, y, radiomic
 
 
-class EventStratifiedKFold(StratifiedKFold):
-    """StratifiedKFold on the event indicator of a structured survival target."""
+class RepeatedEventStratifiedKFold(RepeatedStratifiedKFold):
+    """RepeatedStratifiedKFold on the event indicator of a structured survival target."""
 
     def split(self, X, y, groups=None):
         return super().split(X, np.asarray(y["event"]), groups)
@@ -224,7 +224,7 @@ def families(radiomic: list[str], *, quick: bool, seed: int, memory) -> dict:
 
     groups = {"clinical": CLINICAL, "radiomics": radiomic}
     rsf = RandomSurvivalForest(
-        n_estimators=50 if quick else 200, max_features="sqrt", random_state=seed, n_jobs=1
+        n_estimators=50 if quick else 1000, max_features="sqrt", random_state=seed, n_jobs=1
     )
     gbs = GradientBoostingSurvivalAnalysis(
         learning_rate=0.05, subsample=0.8, max_features="sqrt", random_state=seed
@@ -251,7 +251,10 @@ def families(radiomic: list[str], *, quick: bool, seed: int, memory) -> dict:
         ),
         "fusion-rsf": (
             make_survival_fusion(groups, k={"radiomics": 10}, estimator=rsf),
-            {"features__radiomics__select__k": [10, 20], "model__min_samples_leaf": [10, 15, 20]},
+            {
+                "features__radiomics__select__k": [5, 10, 20],
+                "model__min_samples_leaf": [10, 15, 20],
+            },
         ),
         "fusion-gbs": (
             make_survival_fusion(groups, k={"radiomics": 20}, estimator=gbs),
@@ -362,7 +365,7 @@ def nested_selection(fams: dict, X, y, inner, *, quick: bool):
     return choice, inner_scores, configs, failures
 
 
-def run_outer_fold(fold, train, test, X, y, radiomic, *, quick, seed, memory_dir):
+def run_outer_fold(fold, train, test, X, y, radiomic, *, quick, seed, memory_dir, inner_repeats):
     """Fit and score every model on one outer fold; returns its results."""
     from joblib import Memory
 
@@ -372,7 +375,9 @@ def run_outer_fold(fold, train, test, X, y, radiomic, *, quick, seed, memory_dir
         Xtr, Xte, ytr, yte = X.iloc[train], X.iloc[test], y[train], y[test]
         memory = Memory(memory_dir, verbose=0)
         fams = families(radiomic, quick=quick, seed=seed, memory=memory)
-        inner = EventStratifiedKFold(3 if quick else 5, shuffle=True, random_state=seed)
+        inner = RepeatedEventStratifiedKFold(
+            n_splits=3 if quick else 5, n_repeats=inner_repeats, random_state=seed
+        )
         seconds = {}
         fitted = {}
         for name, model in fixed_models(radiomic).items():
@@ -562,6 +567,12 @@ def main(argv=None) -> int:
     parser = bench_parser(__doc__)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-jobs", type=int, default=1, help="outer folds run in parallel")
+    parser.add_argument(
+        "--inner-repeats",
+        type=int,
+        default=3,
+        help="repetitions of the inner 5-fold CV that scores every configuration (default 3)",
+    )
     parser.add_argument("--verbose", type=int, default=1)
     args = parser.parse_args(argv)
     path = DATA_DIR / FILE
@@ -584,6 +595,7 @@ def main(argv=None) -> int:
             delayed(run_outer_fold)(
                 fold, train, test, X, y, radiomic,
                 quick=bench.quick, seed=args.seed, memory_dir=memory_dir,
+                inner_repeats=1 if bench.quick else args.inner_repeats,
             )
             for fold, (train, test) in enumerate(splits)
         )  # fmt: skip
@@ -689,7 +701,8 @@ def main(argv=None) -> int:
         "n_events": int(y["event"].sum()),
         "n_radiomic_features": len(radiomic),
         "cv": f"{n_repeats} x {n_splits}-fold, stratified by event, seed {args.seed}",
-        "nested": f"inner {3 if bench.quick else 5}-fold CV (Harrell C) inside each outer "
+        "nested": f"inner {1 if bench.quick else args.inner_repeats} x "
+        f"{3 if bench.quick else 5}-fold CV (Harrell C) inside each outer "
         "training fold scores every configuration of every family; 'selected' takes the best "
         "of all of them and of the ensembles of family winners",
         "grids": {
