@@ -974,14 +974,16 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         caching), which makes epochs much cheaper; any augmentation switches the cache off.
     class_weight : "balanced", dict or None, default=None
         Class weights of the cross-entropy loss.
-    threshold : "auto" or float in (0, 1), default="auto"
+    threshold : {"auto", "accuracy"} or float in (0, 1), default="auto"
         Decision threshold of :meth:`predict` for two classes: ``classes_[1]`` when its
         probability exceeds the threshold. ``"auto"`` chooses it on the out-of-fold
         probabilities of the members' validation folds (``validation_proba_``, no refit) to
-        maximise the balanced accuracy, which does not depend on the class prevalence; it
-        is 0.5 without a validation split. A float fixes it (``0.5``: the most probable
-        class). :meth:`predict_proba` does not depend on it; multi-class predictions are
-        always the most probable class.
+        maximise the balanced accuracy, which does not depend on the class prevalence.
+        ``"accuracy"`` maximises the accuracy on them instead: the better choice when new
+        data have the training prevalence and errors of both kinds cost the same, the worse
+        one when the prevalence differs. Both are 0.5 without a validation split. A float
+        fixes it (``0.5``: the most probable class). :meth:`predict_proba` does not depend
+        on it; multi-class predictions are always the most probable class.
     early_stopping : bool, default=True
         Stop when the validation loss has not improved for ``patience`` epochs and restore
         the weights of the best epoch. Needs ``validation_fraction``.
@@ -1093,7 +1095,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
     _parameter_constraints: dict = {
         **BaseFineTune._parameter_constraints,
         "class_weight": [StrOptions({"balanced"}), dict, None],
-        "threshold": [StrOptions({"auto"}), Interval(Real, 0, 1, closed="neither")],
+        "threshold": [StrOptions({"auto", "accuracy"}), Interval(Real, 0, 1, closed="neither")],
     }
 
     def __init__(
@@ -1254,7 +1256,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         """``threshold_``: fixed, chosen on the out-of-fold probabilities, or None."""
         if len(self.classes_) != 2:
             return None
-        if self.threshold != "auto":
+        if self.threshold not in ("auto", "accuracy"):
             return float(self.threshold)
         if oof is None:
             return 0.5
@@ -1265,7 +1267,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         return choose_threshold(
             y_seen,
             oof[seen, 1],
-            metric="balanced_accuracy",
+            metric="accuracy" if self.threshold == "accuracy" else "balanced_accuracy",
             sample_weight=None if sw is None else sw[seen],
         )
 

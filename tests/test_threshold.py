@@ -85,6 +85,27 @@ def test_auto_threshold_comes_from_the_validation_probabilities():
     np.testing.assert_array_equal(clf.decision_function(X) > 0, proba > clf.threshold_)
 
 
+def test_accuracy_threshold_maximises_accuracy_on_the_same_probabilities():
+    X, y = _data()
+    kw = dict(n_estimators=2, validation_fraction=0.25, max_epochs=2)
+    acc = _clf(threshold="accuracy", **kw).fit(X, y)
+    bal = _clf(**kw).fit(X, y)
+    # the networks do not depend on the threshold rule: same out-of-fold probabilities
+    np.testing.assert_allclose(acc.validation_proba_, bal.validation_proba_)
+    seen = ~np.isnan(acc.validation_proba_[:, 1])
+    p = acc.validation_proba_[seen, 1]
+    assert acc.threshold_ == pytest.approx(choose_threshold(y[seen], p, metric="accuracy"))
+    # on out-of-fold probabilities with a rare positive class the two rules differ
+    rng = np.random.default_rng(0)
+    y_rare = np.r_[np.zeros(80), np.ones(20)].astype(int)
+    p_rare = np.clip(np.where(y_rare == 1, 0.45, 0.25) + rng.normal(0, 0.1, 100), 0, 1)
+    oof = np.c_[1 - p_rare, p_rare]
+    t_acc = acc._decision_threshold(oof, y_rare, None)
+    t_bal = bal._decision_threshold(oof, y_rare, None)
+    assert t_acc > t_bal
+    assert np.mean((p_rare > t_acc) == y_rare) > np.mean((p_rare > t_bal) == y_rare)
+
+
 def test_fixed_threshold_and_fallbacks():
     X, y = _data()
     fixed = _clf(threshold=0.9).fit(X, y)
