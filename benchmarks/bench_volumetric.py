@@ -134,6 +134,15 @@ FINETUNES = {
         "input_size": 48,
         "freeze_depth": 5,
     },
+    # the chosen 48^3 ensemble with patience 2: its members had their best epoch at 1-2 and
+    # never improved in the 5 epochs after, so early stopping keeps the same weights sooner
+    "inflate-48-fd5-p2-ens5": {
+        "mode": "3d",
+        "volumetric": "inflate",
+        "input_size": 48,
+        "freeze_depth": 5,
+        "patience": 2,
+    },
     "inflate-32-fd5-lr3e-4-ens5": {
         "mode": "3d",
         "volumetric": "inflate",
