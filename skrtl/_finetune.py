@@ -93,6 +93,15 @@ _MAX_CACHE_BYTES = 2 * 1024**3
 # (the volume and its mirror images along width, height and depth)
 _VOLUME_TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-3,))
 
+# defaults of a 3-D network (volumetric="acs" / "inflate"), chosen on AdrenalMNIST3D's training
+# volumes (out-of-fold AUC of the ensemble members, docs/benchmarks.md "True 3-D transfer"):
+# freeze_depth="auto" freezes at least this fraction of the transfer layers (5 of lite0's 10),
+# patience="auto" is _VOLUME_PATIENCE (the members' best validation epoch was 1-2) and
+# FineTuneClassifier's input_size="auto" is a 48^3 cube
+_VOLUME_MIN_FREEZE = 0.5
+_VOLUME_PATIENCE = 2
+_PATIENCE = 5
+
 
 def _silent(*args, **kwargs):
     return None
@@ -243,7 +252,7 @@ class BaseFineTune(BaseTorchImageEstimator):
         "num_workers": [Interval(Integral, 0, None, closed="left")],
         "precision": [StrOptions({"fp32", "bf16"})],
         "early_stopping": ["boolean"],
-        "patience": [Interval(Integral, 1, None, closed="left")],
+        "patience": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "validation_fraction": [Interval(Real, 0, 0.5, closed="right"), None],
         "lr_schedule": [StrOptions({"cosine", "constant"})],
         "drop_rate": [Interval(Real, 0, 1, closed="left"), None],
@@ -257,6 +266,12 @@ class BaseFineTune(BaseTorchImageEstimator):
     # ----------------------------------------------------------------------------------------
     # preprocessing
     # ----------------------------------------------------------------------------------------
+    def _patience(self) -> int:
+        """``patience``, with ``"auto"`` resolved (shorter for a 3-D network)."""
+        if isinstance(self.patience, str):
+            return _VOLUME_PATIENCE if self._volumetric else _PATIENCE
+        return int(self.patience)
+
     def _bs_pred(self) -> int:
         return int(self.batch_size_predict or 2 * self.batch_size)
 
@@ -283,6 +298,8 @@ class BaseFineTune(BaseTorchImageEstimator):
 
                 advice = suggest_strategy(max(1, n_train), n_classes=n_groups, n_layers=L)
                 k = int(advice.freeze_depth)
+                if self._volumetric:  # 3-D networks: at least half of the layers frozen
+                    k = max(k, min(L - 2, round(_VOLUME_MIN_FREEZE * L)))
             else:
                 k = int(self.freeze_depth)
                 if k > L - 1:
@@ -539,7 +556,7 @@ class BaseFineTune(BaseTorchImageEstimator):
                     EarlyStopping(
                         monitor=monitor,
                         lower_is_better=lower_is_better,
-                        patience=self.patience,
+                        patience=self._patience(),
                         load_best=True,
                         sink=print if self.verbose else _silent,
                     ),
@@ -891,8 +908,9 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         Number ``k`` of frozen transfer layers (``0`` = none, at most ``L - 1``), counted by
         :func:`skrtl.get_transfer_layers` on the backbone *with* its classifier (``L`` is the
         new head; the default backbone has ``L = 10``). ``"auto"`` asks
-        :func:`~skrtl._advisor.suggest_strategy` given the number of training samples.
-        Only used by ``strategy="finetune"``.
+        :func:`~skrtl._advisor.suggest_strategy` given the number of training samples; for a
+        3-D network (``volumetric="acs"`` / ``"inflate"``) at least half of the layers
+        (``round(L / 2)``, 5 for the default backbone). Only used by ``strategy="finetune"``.
     gamma : float in (0, 1], default=0.7
         Layer-wise learning-rate decay: layer ``l`` trains with ``lr * gamma ** (L - l)``.
     lr : float, default=1e-3
@@ -927,8 +945,8 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         not keep them).
     input_size : int, (int, int), (int, int, int) or "auto", default="auto"
         Images are resized (bilinear, antialiased) to this size (height, width); volumes of a
-        3-D network to (depth, height, width) (an int: a cube). ``"auto"``: 96 for images and
-        2-D network slices, 64 (a 64^3 cube) for the volumes of a 3-D network.
+        3-D network to (depth, height, width) (an int: a cube). ``"auto"``: 128 for images and
+        2-D network slices, 48 (a 48^3 cube) for the volumes of a 3-D network.
     mode : {"2d", "2.5d", "3d"}, default="2d"
         Input kind. ``"2.5d"``: planes through the lesion centre (or the volume centre) as
         the channels, see ``slices``. ``"3d"``: volumes, run as set by ``volumetric``.
@@ -987,7 +1005,9 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
     early_stopping : bool, default=True
         Stop when the validation loss has not improved for ``patience`` epochs and restore
         the weights of the best epoch. Needs ``validation_fraction``.
-    patience : int, default=5
+    patience : int or "auto", default="auto"
+        Epochs without improvement before stopping. ``"auto"``: 5, or 2 for a 3-D network
+        (whose members stop improving after one or two epochs, see ``docs/finetune.md``).
     validation_fraction : float in (0, 0.5] or None, default=0.15
         Size of the internal stratified validation split (``None``: no split, no early
         stopping, no validation history).
@@ -1091,6 +1111,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
     """
 
     _AUTO_INPUT_SIZE = 128
+    _AUTO_VOLUME_SIZE = 48
 
     _parameter_constraints: dict = {
         **BaseFineTune._parameter_constraints,
@@ -1127,7 +1148,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         class_weight=None,
         threshold="auto",
         early_stopping=True,
-        patience=5,
+        patience="auto",
         validation_fraction=0.15,
         lr_schedule="cosine",
         drop_rate=None,

@@ -327,7 +327,8 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
     freeze_depth : int or "auto", default="auto"
         Number ``k`` of frozen transfer layers (:func:`skrtl.get_transfer_layers`, the head is
         layer ``L``). ``"auto"`` asks :func:`~skrtl._advisor.suggest_strategy` with the
-        training size (events and censored samples as its two groups).
+        training size (events and censored samples as its two groups); for a 3-D network at
+        least half of the layers, as for the classifier.
     gamma : float in (0, 1], default=0.7
         Layer-wise learning-rate decay: layer ``l`` trains with ``lr * gamma ** (L - l)``.
     lr : float, default=1e-3
@@ -375,7 +376,8 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
     early_stopping : bool, default=True
         Stop when the validation C-index has not improved for ``patience`` epochs and restore
         the weights of its best epoch. Needs ``validation_fraction``.
-    patience : int, default=5
+    patience : int or "auto", default="auto"
+        Epochs without improvement before stopping. ``"auto"``: 5, or 2 for a 3-D network.
     validation_fraction : float in (0, 0.5] or None, default=0.2
         Size of the internal validation split, stratified on the event indicator (``None``:
         no split, no early stopping).
@@ -485,7 +487,7 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
         precision="fp32",
         ties="efron",
         early_stopping=True,
-        patience=5,
+        patience="auto",
         validation_fraction=0.2,
         lr_schedule="cosine",
         drop_rate=None,

@@ -436,3 +436,23 @@ def test_inflated_depthwise_gradients_on_maps_smaller_than_the_kernel(stride):
     want = torch.autograd.grad(ref, [x, conv.weight], go)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def test_volumetric_auto_defaults_freeze_half_stop_sooner_and_use_48_cubes():
+    # the "auto" values of a 3-D network: at least half of the layers frozen, patience 2, a
+    # 48^3 cube; 2-D networks keep the advisor's depth, patience 5 and 128 px
+    model = _random_2d("tf_efficientnet_lite0")
+    flat, cube = FineTuneClassifier(), FineTuneClassifier(mode="3d", volumetric="inflate")
+    slices = FineTuneClassifier(mode="3d")
+    _, L, k_2d, _ = flat._resolve_structure(model, 1188, 2)
+    _, _, k_3d, _ = cube._resolve_structure(model, 1188, 2)
+    assert (L, k_2d, k_3d) == (10, 3, 5)
+    assert slices._resolve_structure(model, 1188, 2)[2] == 3  # slice-wise is a 2-D network
+    # fewer samples: the advisor's own depth is already deeper and is kept
+    assert cube._resolve_structure(model, 200, 2)[2] == flat._resolve_structure(model, 200, 2)[2]
+    assert (flat._patience(), cube._patience(), slices._patience()) == (5, 2, 5)
+    assert FineTuneClassifier(mode="3d", volumetric="acs", patience=4)._patience() == 4
+    assert cube._check_image_params()[0] == (48, 48, 48)
+    assert flat._check_image_params()[0] == (128, 128)
+    with pytest.raises(ValueError, match="patience"):
+        FineTuneClassifier(patience="soon")._validate_params()
