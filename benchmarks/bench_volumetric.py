@@ -39,6 +39,7 @@ import time
 
 import numpy as np
 from _common import Benchmark, bench_parser, flat_summary, load_medmnist_splits
+from bench_transfer_quality import AUCStoppedFineTune
 from sklearn.linear_model import LogisticRegressionCV
 from sklearn.metrics import accuracy_score, roc_auc_score
 from sklearn.pipeline import make_pipeline
@@ -150,7 +151,23 @@ FINETUNES = {
         "freeze_depth": 5,
         "lr": 3e-4,
     },
+    # the 3-D defaults since the out-of-fold choice (input_size, freeze_depth and patience
+    # "auto" resolve to 48^3, 5 and 2 for a 3-D network): seed 0 is inflate-48-fd5-p2-ens5,
+    # these are two more seeds for the reported mean
+    "inflate-default-ens5-seed1": {"mode": "3d", "volumetric": "inflate", "random_state": 1},
+    "inflate-default-ens5-seed2": {"mode": "3d", "volumetric": "inflate", "random_state": 2},
+    # development row for the next choice (every default member stopped at epoch 1 and
+    # predicted every test volume negative at 0.5): early stopping on the validation AUC
+    "inflate-48-aucstop-p3-ens5": {
+        "mode": "3d",
+        "volumetric": "inflate",
+        "patience": 3,
+        "_auc_stop": True,
+    },
 }
+
+#: the rows of the default 3-D fine-tune, one per seed (the goal is judged on their mean)
+DEFAULT_3D = ["inflate-48-fd5-p2-ens5", "inflate-default-ens5-seed1", "inflate-default-ens5-seed2"]
 
 
 class CpuClock:
@@ -216,10 +233,11 @@ def run_probe(name, params, splits, quick) -> dict:
 
 
 def run_finetune(name, params, splits, quick, seed=0) -> dict:
-    kw = dict(random_state=seed, **params)
+    kw = {"random_state": seed, **params}
+    auc_stop = kw.pop("_auc_stop", False)
     if quick:
         kw.update(max_epochs=1, n_estimators=1)
-    clf = FineTuneClassifier(**kw)
+    clf = (AUCStoppedFineTune if auc_stop else FineTuneClassifier)(**kw)
     with CpuClock() as fit_clock:
         clf.fit(*splits["train"])
     row = {"section": "finetune", "config": name, **params}
@@ -390,16 +408,26 @@ def summarise(rows) -> dict:
     )
     summary.update({f"timing.{k}": v for k, v in timing.items()})
     ft3d = [r for r in rows if r["section"] == "finetune" and r.get("mode") == "3d"]
-    if ft3d:
-        best = max(ft3d, key=lambda r: (r["val_auc"], r["val_acc"]))
-        summary["finetune_3d.chosen_on_val"] = best["config"]
+    ens = [r for r in ft3d if r.get("oof_auc") is not None and "default" not in r["config"]]
+    if ens:  # the rule fixed before the ensemble runs: the out-of-fold AUC of the training set
+        best = max(ens, key=lambda r: (r["oof_auc"], -r["fit_cpu_s"]))
+        summary["finetune_3d.chosen_on_oof"] = best["config"]
         summary["finetune_3d.chosen.test_auc"] = best["test_auc"]
-        summary["finetune_3d.chosen.test_acc"] = best["test_acc"]
+        summary["finetune_3d.chosen.test_acc_predict"] = best["test_acc_predict"]
         summary["finetune_3d.chosen.fit_cpu_min"] = round(best["fit_cpu_s"] / 60, 1)
+    seeds = [r for r in ft3d if r["config"] in DEFAULT_3D]
+    if seeds:  # the default 3-D fine-tune: mean over seeds, accuracy of predict()
+        mean = {
+            k: float(np.mean([r[k] for r in seeds]))
+            for k in ("test_auc", "test_acc", "test_acc_predict", "fit_cpu_s")
+        }
+        summary["default_3d.n_seeds"] = len(seeds)
+        summary.update({f"default_3d.{k}": round(v, 4) for k, v in mean.items()})
         summary["goal_met"] = bool(
-            best["test_auc"] > GOAL["auc"]
-            and best["test_acc"] > GOAL["acc"]
-            and best["fit_cpu_s"] < 60 * GOAL["train_cpu_minutes"]
+            len(seeds) == len(DEFAULT_3D)
+            and mean["test_auc"] > GOAL["auc"]
+            and mean["test_acc_predict"] > GOAL["acc"]
+            and max(r["fit_cpu_s"] for r in seeds) < 60 * GOAL["train_cpu_minutes"]
         )
     return summary
 
