@@ -448,7 +448,7 @@ def test_volumetric_auto_defaults_freeze_half_stop_sooner_and_use_48_cubes():
     _, _, k_3d, _ = cube._resolve_structure(model, 1188, 2)
     assert (L, k_2d, k_3d) == (10, 3, 5)
     assert slices._resolve_structure(model, 1188, 2)[2] == 3  # slice-wise is a 2-D network
-    # fewer samples: the advisor's own depth is already deeper and is kept
+    # fewer samples: the advisor already freezes half of the layers, and that is kept
     assert cube._resolve_structure(model, 200, 2)[2] == flat._resolve_structure(model, 200, 2)[2]
     assert (flat._patience(), cube._patience(), slices._patience()) == (5, 2, 5)
     assert FineTuneClassifier(mode="3d", volumetric="acs", patience=4)._patience() == 4
