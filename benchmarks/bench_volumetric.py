@@ -164,6 +164,13 @@ FINETUNES = {
         "patience": 3,
         "_auc_stop": True,
     },
+    "inflate-32-aucstop-p3-ens5": {
+        "mode": "3d",
+        "volumetric": "inflate",
+        "input_size": 32,
+        "patience": 3,
+        "_auc_stop": True,
+    },
 }
 
 #: the rows of the default 3-D fine-tune, one per seed (the goal is judged on their mean)
