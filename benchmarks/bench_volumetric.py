@@ -173,6 +173,16 @@ FINETUNES = {
     },
 }
 
+#: the candidates of the out-of-fold rule, fixed before their runs (development rows such as
+#: the AUC-stopped ones are not among them)
+OOF_CANDIDATES = [
+    "inflate-32-fd5-ens5",
+    "inflate-32-fd4-ens5",
+    "inflate-32-fd6-ens5",
+    "inflate-32-fd5-lr3e-4-ens5",
+    "inflate-48-fd5-ens5",
+    "inflate-48-fd5-p2-ens5",
+]
 #: the rows of the default 3-D fine-tune, one per seed (the goal is judged on their mean)
 DEFAULT_3D = ["inflate-48-fd5-p2-ens5", "inflate-default-ens5-seed1", "inflate-default-ens5-seed2"]
 
@@ -239,8 +249,8 @@ def run_probe(name, params, splits, quick) -> dict:
     return row
 
 
-def run_finetune(name, params, splits, quick, seed=0) -> dict:
-    kw = {"random_state": seed, **params}
+def run_finetune(name, params, splits, quick) -> dict:
+    kw = {"random_state": 0, **params}  # a config may set its own seed
     auc_stop = kw.pop("_auc_stop", False)
     if quick:
         kw.update(max_epochs=1, n_estimators=1)
@@ -415,7 +425,7 @@ def summarise(rows) -> dict:
     )
     summary.update({f"timing.{k}": v for k, v in timing.items()})
     ft3d = [r for r in rows if r["section"] == "finetune" and r.get("mode") == "3d"]
-    ens = [r for r in ft3d if r.get("oof_auc") is not None and "default" not in r["config"]]
+    ens = [r for r in ft3d if r["config"] in OOF_CANDIDATES and r.get("oof_auc") is not None]
     if ens:  # the rule fixed before the ensemble runs: the out-of-fold AUC of the training set
         best = max(ens, key=lambda r: (r["oof_auc"], -r["fit_cpu_s"]))
         summary["finetune_3d.chosen_on_oof"] = best["config"]
