@@ -52,13 +52,6 @@ from sklearn.model_selection import train_test_split
 from skrtl import FineTuneClassifier
 
 
-class AUCStoppedFineTune(FineTuneClassifier):
-    """FineTuneClassifier whose early stopping watches the validation AUC, not the loss."""
-
-    def _early_stopping_monitor(self):
-        return "valid_auc", False
-
-
 def _pad_to(X: np.ndarray, size: int) -> np.ndarray:
     """Zero-pad ``(n, h, w)`` images symmetrically onto a ``size`` x ``size`` canvas."""
     h, w = X.shape[1:3]
@@ -69,10 +62,10 @@ def _pad_to(X: np.ndarray, size: int) -> np.ndarray:
 
 DEV_CONFIGS = {
     "default, one network": {"n_estimators": 1},
-    "stop on AUC, one network": {"n_estimators": 1, "_auc_stop": True},
+    "stop on AUC, one network": {"n_estimators": 1, "early_stopping": "score"},
     "stop on AUC, 30 epochs, patience 8, one network": {
         "n_estimators": 1,
-        "_auc_stop": True,
+        "early_stopping": "score",
         "max_epochs": 30,
         "patience": 8,
     },
@@ -127,7 +120,6 @@ def score(est, X, y) -> dict:
 
 def make(params: dict, seed: int, quick: bool):
     params = dict(params)
-    auc_stop = params.pop("_auc_stop", False)
     params.pop("_pad", None)
     ema = params.pop("_ema", None)
     if ema:  # the experimental weight-average callback (skrtl._callbacks, not public)
@@ -136,8 +128,7 @@ def make(params: dict, seed: int, quick: bool):
         params["callbacks"] = [("weight_ema", WeightEMA(decay=ema))]
     if quick:
         params.update(max_epochs=2, input_size=params.get("input_size", 64) // 2)
-    cls = AUCStoppedFineTune if auc_stop else FineTuneClassifier
-    return cls(random_state=seed, **params)
+    return FineTuneClassifier(random_state=seed, **params)
 
 
 def summarise(rows) -> dict:

@@ -229,13 +229,15 @@ class BaseFineTune(BaseTorchImageEstimator):
         The per-epoch validation score (a skorch ``EpochScoring``).
     ``_validation_keys(plan) -> list of str``
         History keys of that score (kept in ``history_`` next to ``valid_loss``).
-    ``_early_stopping_monitor() -> (key, lower_is_better)``
-        What early stopping watches.
+    ``_default_stopping``
+        What ``early_stopping=True`` watches: ``"loss"`` or ``"score"`` (the first of the
+        validation keys).
     ``_strata_name``
         What the validation folds are stratified on, for messages (``"class"``).
     """
 
     _strata_name = "class"
+    _default_stopping = "loss"
 
     _parameter_constraints: dict = {
         **BaseTorchImageEstimator._parameter_constraints,
@@ -251,7 +253,7 @@ class BaseFineTune(BaseTorchImageEstimator):
         "optimizer_params": [dict, None],
         "num_workers": [Interval(Integral, 0, None, closed="left")],
         "precision": [StrOptions({"fp32", "bf16"})],
-        "early_stopping": ["boolean"],
+        "early_stopping": ["boolean", StrOptions({"loss", "score"})],
         "patience": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "validation_fraction": [Interval(Real, 0, 0.5, closed="right"), None],
         "lr_schedule": [StrOptions({"cosine", "constant"})],
@@ -266,6 +268,13 @@ class BaseFineTune(BaseTorchImageEstimator):
     # ----------------------------------------------------------------------------------------
     # preprocessing
     # ----------------------------------------------------------------------------------------
+    def _early_stopping_monitor(self, plan: _FitPlan) -> tuple[str, bool]:
+        """History key early stopping watches and whether lower is better."""
+        kind = self._default_stopping if self.early_stopping is True else self.early_stopping
+        if kind == "loss":
+            return "valid_loss", True
+        return self._validation_keys(plan)[0], False
+
     def _patience(self) -> int:
         """``patience``, with ``"auto"`` resolved (shorter for a 3-D network)."""
         if isinstance(self.patience, str):
@@ -549,7 +558,7 @@ class BaseFineTune(BaseTorchImageEstimator):
                 ("lr_scheduler", LRScheduler(policy="CosineAnnealingLR", T_max=self.max_epochs))
             )
         if use_valid and self.early_stopping:
-            monitor, lower_is_better = self._early_stopping_monitor()
+            monitor, lower_is_better = self._early_stopping_monitor(plan)
             cbs.append(
                 (
                     "early_stopping",
@@ -1002,9 +1011,11 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         one when the prevalence differs. Both are 0.5 without a validation split. A float
         fixes it (``0.5``: the most probable class). :meth:`predict_proba` does not depend
         on it; multi-class predictions are always the most probable class.
-    early_stopping : bool, default=True
-        Stop when the validation loss has not improved for ``patience`` epochs and restore
-        the weights of the best epoch. Needs ``validation_fraction``.
+    early_stopping : bool, "loss" or "score", default=True
+        Stop when the validation loss (``True`` or ``"loss"``) or the validation score
+        (``"score"``: the AUC for two classes, else the accuracy) has not improved for
+        ``patience`` epochs and restore the weights of the best epoch. Needs
+        ``validation_fraction``.
     patience : int or "auto", default="auto"
         Epochs without improvement before stopping. ``"auto"``: 5, or 2 for a 3-D network
         (whose members stop improving after one or two epochs, see ``docs/finetune.md``).
@@ -1325,9 +1336,6 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
 
     def _validation_keys(self, plan: _FitPlan):
         return ["valid_auc" if plan.n_out == 2 else "valid_acc"]
-
-    def _early_stopping_monitor(self):
-        return "valid_loss", True
 
     # ----------------------------------------------------------------------------------------
     # prediction

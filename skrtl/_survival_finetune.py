@@ -373,9 +373,10 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
         of the classifier's ``augment``.
     ties : {"efron", "breslow"}, default="efron"
         Handling of tied event times in the partial likelihood.
-    early_stopping : bool, default=True
-        Stop when the validation C-index has not improved for ``patience`` epochs and restore
-        the weights of its best epoch. Needs ``validation_fraction``.
+    early_stopping : bool, "score" or "loss", default=True
+        Stop when the validation C-index (``True`` or ``"score"``) or the validation Cox loss
+        (``"loss"``) has not improved for ``patience`` epochs and restore the weights of the
+        best epoch. Needs ``validation_fraction``.
     patience : int or "auto", default="auto"
         Epochs without improvement before stopping. ``"auto"``: 5, or 2 for a 3-D network.
     validation_fraction : float in (0, 0.5] or None, default=0.2
@@ -451,6 +452,7 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
     """
 
     _strata_name = "event status (censored, event)"
+    _default_stopping = "score"
 
     _AUTO_INPUT_SIZE = 96
 
@@ -646,9 +648,6 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
 
     def _validation_keys(self, plan):
         return ["valid_cindex"]
-
-    def _early_stopping_monitor(self):
-        return "valid_cindex", False
 
     # ----------------------------------------------------------------------------------------
     # prediction

@@ -347,6 +347,37 @@ def test_early_stopping_restores_best_weights():
         assert torch.equal(state[key], rec.epochs_[best - 1][key])
 
 
+@pytest.mark.parametrize(
+    ("early_stopping", "key", "pick"),
+    [
+        (True, "valid_loss", np.argmin),
+        ("loss", "valid_loss", np.argmin),
+        ("score", "valid_auc", np.argmax),
+    ],
+)
+def test_early_stopping_watches_the_loss_or_the_validation_score(early_stopping, key, pick):
+    X, y = _data()
+    clf = _clf(
+        max_epochs=4,
+        patience=4,
+        lr=0.05,
+        freeze_depth=7,
+        validation_fraction=0.25,
+        early_stopping=early_stopping,
+    ).fit(X, y)
+    stopper = dict(clf.net_.callbacks_)["early_stopping"]
+    assert stopper.monitor == key
+    assert stopper.lower_is_better is (key == "valid_loss")
+    values = [h[key] for h in clf.history_]
+    assert clf.best_epoch_ == int(pick(values)) + 1  # the first best epoch of that key
+
+
+def test_early_stopping_rejects_an_unknown_monitor():
+    X, y = _data()
+    with pytest.raises(InvalidParameterError, match="early_stopping"):
+        _clf(early_stopping="auc").fit(X, y)
+
+
 def test_drop_last_single_sample_batch():
     X, y = _data(n=18)
     clf = _clf(batch_size=8, validation_fraction=None, strategy="linear_probe", augment=False)

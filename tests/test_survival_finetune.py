@@ -235,6 +235,21 @@ def test_validation_c_index_drives_early_stopping_and_the_ensemble():
         assert best == 1 + int(np.argmax(scores))  # restored epoch: the best C-index
 
 
+def test_early_stopping_on_the_validation_loss_when_asked():
+    X, y = _images(n=40, seed=2)
+    model = _model(
+        strategy="linear_probe",
+        lr=0.05,
+        max_epochs=4,
+        patience=4,
+        validation_fraction=0.25,
+        early_stopping="loss",
+    ).fit(X, y)
+    losses = [row["valid_loss"] for row in model.history_]
+    assert model.best_epoch_ == 1 + int(np.argmin(losses))
+    assert dict(model.net_.callbacks_)["early_stopping"].monitor == "valid_loss"
+
+
 def test_tta_averages_the_mirror_image():
     X, y = _images(n=16)
     model = _model(pretrained=False, tta=True).fit(X, y)
