@@ -96,8 +96,9 @@ _VOLUME_TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-3,))
 # defaults of a 3-D network (volumetric="acs" / "inflate"), chosen on AdrenalMNIST3D's training
 # volumes (out-of-fold AUC of the ensemble members, docs/benchmarks.md "True 3-D transfer"):
 # freeze_depth="auto" freezes at least this fraction of the transfer layers (5 of lite0's 10),
-# patience="auto" is _VOLUME_PATIENCE (the members' best validation epoch was 1-2) and
-# FineTuneClassifier's input_size="auto" is a 48^3 cube
+# patience="auto" is _VOLUME_PATIENCE (the members' best validation epoch was 1-4),
+# early_stopping="auto" watches the validation score (AUC) instead of the loss (a higher
+# out-of-fold AUC over 3 seeds) and FineTuneClassifier's input_size="auto" is a 48^3 cube
 _VOLUME_MIN_FREEZE = 0.5
 _VOLUME_PATIENCE = 2
 _PATIENCE = 5
@@ -230,8 +231,8 @@ class BaseFineTune(BaseTorchImageEstimator):
     ``_validation_keys(plan) -> list of str``
         History keys of that score (kept in ``history_`` next to ``valid_loss``).
     ``_default_stopping``
-        What ``early_stopping=True`` watches: ``"loss"`` or ``"score"`` (the first of the
-        validation keys).
+        What ``early_stopping="auto"`` watches for a 2-D network: ``"loss"`` or ``"score"``
+        (the first of the validation keys); a 3-D network watches the score.
     ``_strata_name``
         What the validation folds are stratified on, for messages (``"class"``).
     """
@@ -253,7 +254,7 @@ class BaseFineTune(BaseTorchImageEstimator):
         "optimizer_params": [dict, None],
         "num_workers": [Interval(Integral, 0, None, closed="left")],
         "precision": [StrOptions({"fp32", "bf16"})],
-        "early_stopping": ["boolean", StrOptions({"loss", "score"})],
+        "early_stopping": ["boolean", StrOptions({"auto", "loss", "score"})],
         "patience": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "validation_fraction": [Interval(Real, 0, 0.5, closed="right"), None],
         "lr_schedule": [StrOptions({"cosine", "constant"})],
@@ -270,7 +271,9 @@ class BaseFineTune(BaseTorchImageEstimator):
     # ----------------------------------------------------------------------------------------
     def _early_stopping_monitor(self, plan: _FitPlan) -> tuple[str, bool]:
         """History key early stopping watches and whether lower is better."""
-        kind = self._default_stopping if self.early_stopping is True else self.early_stopping
+        kind = self.early_stopping
+        if kind is True or kind == "auto":
+            kind = "score" if self._volumetric else self._default_stopping
         if kind == "loss":
             return "valid_loss", True
         return self._validation_keys(plan)[0], False
@@ -1011,11 +1014,13 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         one when the prevalence differs. Both are 0.5 without a validation split. A float
         fixes it (``0.5``: the most probable class). :meth:`predict_proba` does not depend
         on it; multi-class predictions are always the most probable class.
-    early_stopping : bool, "loss" or "score", default=True
-        Stop when the validation loss (``True`` or ``"loss"``) or the validation score
-        (``"score"``: the AUC for two classes, else the accuracy) has not improved for
-        ``patience`` epochs and restore the weights of the best epoch. Needs
-        ``validation_fraction``.
+    early_stopping : {"auto", "loss", "score"} or bool, default="auto"
+        Stop when the watched validation quantity has not improved for ``patience`` epochs
+        and restore the weights of the best epoch: ``"loss"`` watches the validation loss,
+        ``"score"`` the validation score (the AUC for two classes, else the accuracy).
+        ``"auto"`` (or ``True``): the score for a 3-D network (``volumetric="acs"`` /
+        ``"inflate"``, see ``docs/finetune.md``), else the loss. ``False``: no early
+        stopping. Needs ``validation_fraction``.
     patience : int or "auto", default="auto"
         Epochs without improvement before stopping. ``"auto"``: 5, or 2 for a 3-D network
         (whose members stop improving after one or two epochs, see ``docs/finetune.md``).
@@ -1158,7 +1163,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         precision="fp32",
         class_weight=None,
         threshold="auto",
-        early_stopping=True,
+        early_stopping="auto",
         patience="auto",
         validation_fraction=0.15,
         lr_schedule="cosine",

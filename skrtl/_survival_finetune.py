@@ -373,10 +373,11 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
         of the classifier's ``augment``.
     ties : {"efron", "breslow"}, default="efron"
         Handling of tied event times in the partial likelihood.
-    early_stopping : bool, "score" or "loss", default=True
-        Stop when the validation C-index (``True`` or ``"score"``) or the validation Cox loss
-        (``"loss"``) has not improved for ``patience`` epochs and restore the weights of the
-        best epoch. Needs ``validation_fraction``.
+    early_stopping : {"auto", "score", "loss"} or bool, default="auto"
+        Stop when the validation C-index (``"auto"``, ``True`` or ``"score"``) or the
+        validation Cox loss (``"loss"``) has not improved for ``patience`` epochs and restore
+        the weights of the best epoch. ``False``: no early stopping. Needs
+        ``validation_fraction``.
     patience : int or "auto", default="auto"
         Epochs without improvement before stopping. ``"auto"``: 5, or 2 for a 3-D network.
     validation_fraction : float in (0, 0.5] or None, default=0.2
@@ -488,7 +489,7 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
         augment=False,
         precision="fp32",
         ties="efron",
-        early_stopping=True,
+        early_stopping="auto",
         patience="auto",
         validation_fraction=0.2,
         lr_schedule="cosine",

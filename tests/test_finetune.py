@@ -350,6 +350,7 @@ def test_early_stopping_restores_best_weights():
 @pytest.mark.parametrize(
     ("early_stopping", "key", "pick"),
     [
+        ("auto", "valid_loss", np.argmin),
         (True, "valid_loss", np.argmin),
         ("loss", "valid_loss", np.argmin),
         ("score", "valid_auc", np.argmax),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -439,8 +440,9 @@ def test_inflated_depthwise_gradients_on_maps_smaller_than_the_kernel(stride):
 
 
 def test_volumetric_auto_defaults_freeze_half_stop_sooner_and_use_48_cubes():
-    # the "auto" values of a 3-D network: at least half of the layers frozen, patience 2, a
-    # 48^3 cube; 2-D networks keep the advisor's depth, patience 5 and 128 px
+    # the "auto" values of a 3-D network: at least half of the layers frozen, patience 2,
+    # stopping on the validation AUC, a 48^3 cube; 2-D networks keep the advisor's depth,
+    # patience 5, the validation loss and 128 px
     model = _random_2d("tf_efficientnet_lite0")
     flat, cube = FineTuneClassifier(), FineTuneClassifier(mode="3d", volumetric="inflate")
     slices = FineTuneClassifier(mode="3d")
@@ -452,6 +454,13 @@ def test_volumetric_auto_defaults_freeze_half_stop_sooner_and_use_48_cubes():
     assert cube._resolve_structure(model, 200, 2)[2] == flat._resolve_structure(model, 200, 2)[2]
     assert (flat._patience(), cube._patience(), slices._patience()) == (5, 2, 5)
     assert FineTuneClassifier(mode="3d", volumetric="acs", patience=4)._patience() == 4
+    # early_stopping="auto" watches the validation AUC of a 3-D network, the loss otherwise
+    plan = SimpleNamespace(n_out=2)
+    assert cube._early_stopping_monitor(plan) == ("valid_auc", False)
+    assert flat._early_stopping_monitor(plan) == ("valid_loss", True)
+    assert slices._early_stopping_monitor(plan) == ("valid_loss", True)
+    loss_cube = FineTuneClassifier(mode="3d", volumetric="inflate", early_stopping="loss")
+    assert loss_cube._early_stopping_monitor(plan) == ("valid_loss", True)
     assert cube._check_image_params()[0] == (48, 48, 48)
     assert flat._check_image_params()[0] == (128, 128)
     with pytest.raises(ValueError, match="patience"):
