@@ -150,7 +150,8 @@ class RepeatedEventStratifiedKFold(RepeatedStratifiedKFold):
 
 
 # ---------------------------------------------------------------------------- models
-def _cox_on(columns, *, penalizer):
+def cox_on(columns, *, penalizer):
+    """Cox model on ``columns``: median imputation, standard scaling, ``penalizer``."""
     return make_pipeline(
         ColumnTransformer([("x", SimpleImputer(strategy="median"), columns)]),
         StandardScaler(),
@@ -171,9 +172,9 @@ def _radiomics_pipeline(radiomic):
 def fixed_models(radiomic: list[str]) -> dict:
     """The models without hyper-parameters to tune."""
     return {
-        "clinical": _cox_on(CLINICAL, penalizer=0.01),
-        "volume": _cox_on([VOLUME], penalizer=0.0),
-        "aerts4": _cox_on(list(AERTS.values()), penalizer=0.0),
+        "clinical": cox_on(CLINICAL, penalizer=0.01),
+        "volume": cox_on([VOLUME], penalizer=0.0),
+        "aerts4": cox_on(list(AERTS.values()), penalizer=0.0),
         "radiomics": _radiomics_pipeline(radiomic),
     }
 
