@@ -126,6 +126,15 @@ BRIER_TIME = 730.0
 IBS_TIMES = np.linspace(91.0, 1095.0, 34)  # 3 months to 3 years, monthly
 
 
+def lung1_path() -> Path | None:
+    """The Lung1 file, or None (saying so) when the shared data are absent."""
+    path = DATA_DIR / FILE
+    if not path.is_file():
+        print(f"{FILE} not found under {DATA_DIR} (set SKRTL_DATA_DIR); nothing to do")
+        return None
+    return path
+
+
 def load(path: Path):
     df = pd.read_csv(path)
     radiomic = [c for c in df.columns if c.startswith(("original_", "log-", "wavelet-"))]
@@ -576,9 +585,8 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--verbose", type=int, default=1)
     args = parser.parse_args(argv)
-    path = DATA_DIR / FILE
-    if not path.is_file():
-        print(f"{FILE} not found under {DATA_DIR} (set SKRTL_DATA_DIR); nothing to do")
+    path = lung1_path()
+    if path is None:
         return 0
     from joblib import Parallel, delayed
     from tqdm.auto import tqdm

@@ -38,8 +38,8 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from _common import DATA_DIR, Benchmark, bench_parser
-from bench_survival import CLINICAL, FILE, cox_on, load
+from _common import Benchmark, bench_parser
+from bench_survival import CLINICAL, cox_on, load, lung1_path
 from sklearn.base import clone
 from sklearn.model_selection import RepeatedStratifiedKFold
 
@@ -141,9 +141,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="fold seed (the report uses 0)")
     parser.add_argument("--n-jobs", type=int, default=1, help="outer folds run in parallel")
     args = parser.parse_args(argv)
-    path = DATA_DIR / FILE
-    if not path.is_file():
-        print(f"{FILE} not found under {DATA_DIR} (set SKRTL_DATA_DIR); nothing to do")
+    path = lung1_path()
+    if path is None:
         return 0
     from joblib import Parallel, delayed
 
