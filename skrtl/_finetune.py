@@ -1023,7 +1023,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         stopping. Needs ``validation_fraction``.
     patience : int or "auto", default="auto"
         Epochs without improvement before stopping. ``"auto"``: 5, or 2 for a 3-D network
-        (whose members stop improving after one or two epochs, see ``docs/finetune.md``).
+        (whose members stop improving after a few epochs, see ``docs/finetune.md``).
     validation_fraction : float in (0, 0.5] or None, default=0.15
         Size of the internal stratified validation split (``None``: no split, no early
         stopping, no validation history).
