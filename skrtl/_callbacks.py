@@ -6,6 +6,8 @@
   their statistics and normalise with batch statistics.
 * :func:`validation_scoring` scores the validation split every epoch with a ranking metric
   (ROC AUC for two classes, accuracy otherwise).
+* :class:`WarmupCosine` is the learning-rate factor of ``lr_schedule="warmup_cosine"``: a
+  linear warm-up over the first epoch's batches, then cosine annealing to zero.
 * :class:`OptunaPruning` reports each epoch's validation metric of one cross-validation fold to
   an Optuna trial (see :class:`skrtl.TransferSearchCV` for the step scheme) and prunes.
 """
@@ -24,6 +26,7 @@ __all__ = [
     "FoldReporter",
     "FreezeBatchNorm",
     "OptunaPruning",
+    "WarmupCosine",
     "validation_scoring",
 ]
 
@@ -99,6 +102,32 @@ class FreezeBatchNorm(Callback):
         state = self.__dict__.copy()
         state["handles_"] = []
         return state
+
+
+class WarmupCosine:
+    """Learning-rate factor of batch ``step``: linear warm-up, then cosine annealing.
+
+    A picklable ``lr_lambda`` for :class:`torch.optim.lr_scheduler.LambdaLR`, stepped after
+    every training batch.
+
+    Parameters
+    ----------
+    warmup_steps : int
+        Batches of the warm-up; the factor rises linearly to 1 over them.
+    total_steps : int
+        Batches of the whole schedule; after the warm-up the factor follows a half cosine from
+        1 to 0 at ``total_steps`` (and stays at 0 after it).
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int):
+        self.warmup_steps = max(1, int(warmup_steps))
+        self.total_steps = max(self.warmup_steps + 1, int(total_steps))
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / (self.total_steps - self.warmup_steps)
+        return 0.5 * (1.0 + float(np.cos(np.pi * min(progress, 1.0))))
 
 
 def _labels_and_weights(y):

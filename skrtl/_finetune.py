@@ -59,7 +59,7 @@ from torch import nn
 from ._augment import LightAugment, SampleAugmentLoader, apply_sample_transform
 from ._backbone import DEFAULT_BACKBONE, backbone_data_config, get_transfer_layers
 from ._base import BaseTorchImageEstimator, ImageEstimatorMixin
-from ._callbacks import FreezeBatchNorm, validation_scoring
+from ._callbacks import FreezeBatchNorm, WarmupCosine, validation_scoring
 from ._transfer import (
     EnsembleModule,
     LayerwiseOptimizer,
@@ -257,7 +257,7 @@ class BaseFineTune(BaseTorchImageEstimator):
         "early_stopping": ["boolean", StrOptions({"auto", "loss", "score"})],
         "patience": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "validation_fraction": [Interval(Real, 0, 0.5, closed="right"), None],
-        "lr_schedule": [StrOptions({"cosine", "constant"})],
+        "lr_schedule": [StrOptions({"cosine", "warmup_cosine", "constant"})],
         "drop_rate": [Interval(Real, 0, 1, closed="left"), None],
         "callbacks": [list, tuple, None],
         "batch_size_predict": [Interval(Integral, 1, None, closed="left"), None],
@@ -556,9 +556,25 @@ class BaseFineTune(BaseTorchImageEstimator):
         cbs = [("skrtl_freeze_bn", FreezeBatchNorm(plan.frozen_modules))]
         if use_valid:
             cbs.append(self._validation_scoring(plan))
+        # BatchNorm cannot train on a last batch of one sample
+        drop_last = n_rows_train > self.batch_size and n_rows_train % self.batch_size == 1
         if self.lr_schedule == "cosine":
             cbs.append(
                 ("lr_scheduler", LRScheduler(policy="CosineAnnealingLR", T_max=self.max_epochs))
+            )
+        elif self.lr_schedule == "warmup_cosine":  # stepped per batch
+            steps = n_rows_train // self.batch_size
+            steps += 0 if drop_last or n_rows_train % self.batch_size == 0 else 1
+            schedule = WarmupCosine(steps, steps * self.max_epochs)
+            cbs.append(
+                (
+                    "lr_scheduler",
+                    LRScheduler(
+                        policy=torch.optim.lr_scheduler.LambdaLR,
+                        lr_lambda=schedule,
+                        step_every="batch",
+                    ),
+                )
             )
         if use_valid and self.early_stopping:
             monitor, lower_is_better = self._early_stopping_monitor(plan)
@@ -576,8 +592,6 @@ class BaseFineTune(BaseTorchImageEstimator):
             )
         for i, cb in enumerate(self.callbacks or []):
             cbs.append(cb if isinstance(cb, tuple | list) else (f"user_{i}", cb))
-        # BatchNorm cannot train on a last batch of one sample
-        drop_last = n_rows_train > self.batch_size and n_rows_train % self.batch_size == 1
         names = [pn for pn, _ in module.named_parameters()]
         optimizer_class, optimizer_kwargs, weight_decay = self._optimizer_spec()
         optimizer = LayerwiseOptimizer(
@@ -1027,8 +1041,11 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
     validation_fraction : float in (0, 0.5] or None, default=0.15
         Size of the internal stratified validation split (``None``: no split, no early
         stopping, no validation history).
-    lr_schedule : {"cosine", "constant"}, default="cosine"
-        Cosine annealing of every group's learning rate over ``max_epochs``.
+    lr_schedule : {"cosine", "warmup_cosine", "constant"}, default="cosine"
+        Cosine annealing of every group's learning rate over ``max_epochs`` (stepped per
+        epoch); ``"warmup_cosine"``: a linear warm-up over the first epoch's batches, then
+        cosine annealing to zero at ``max_epochs`` (stepped per batch); ``"constant"``: no
+        schedule.
     drop_rate : float or None, default=None
         Dropout before the classifier (``None``: the timm default of the backbone).
     callbacks : list or None, default=None

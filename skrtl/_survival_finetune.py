@@ -383,7 +383,9 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
     validation_fraction : float in (0, 0.5] or None, default=0.2
         Size of the internal validation split, stratified on the event indicator (``None``:
         no split, no early stopping).
-    lr_schedule : {"cosine", "constant"}, default="cosine"
+    lr_schedule : {"cosine", "warmup_cosine", "constant"}, default="cosine"
+        As for the classifier: cosine annealing over ``max_epochs``, with a linear warm-up
+        over the first epoch's batches (``"warmup_cosine"``), or none.
     drop_rate : float or None, default=None
         Dropout before the head (``None``: the timm default of the backbone).
     callbacks : list or None, default=None

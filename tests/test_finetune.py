@@ -19,6 +19,7 @@ from skorch.callbacks import Callback
 
 import skrtl._finetune as ft
 from skrtl._backbone import get_transfer_layers, load_backbone
+from skrtl._callbacks import WarmupCosine
 from skrtl._finetune import FineTuneClassifier
 from skrtl._imaging import make_image_frame
 
@@ -121,6 +122,43 @@ def test_cosine_schedule_keeps_layer_ratios():
         assert g["initial_lr"] / top["initial_lr"] == pytest.approx(
             0.5 ** (clf.n_layers_ - g["layer"])
         )
+
+
+class LrRecorder(Callback):
+    """Records the learning rate of the top group at every training batch."""
+
+    def __init__(self):
+        self.lrs_ = []
+
+    def on_batch_begin(self, net, batch=None, training=False, **kwargs):
+        if training:
+            self.lrs_.append(net.optimizer_.param_groups[-1]["lr"])
+
+
+def test_warmup_cosine_schedule_warms_up_over_the_first_epoch_then_anneals():
+    schedule = WarmupCosine(4, 12)
+    np.testing.assert_allclose([schedule(i) for i in range(4)], [0.25, 0.5, 0.75, 1.0])
+    assert schedule(8) == pytest.approx(0.5) and schedule(12) == 0.0 and schedule(20) == 0.0
+    X, y = _data()  # 24 images: 18 train rows, 3 batches of 8 (the last one of 2)
+    rec = LrRecorder()
+    clf = _clf(
+        freeze_depth=5,
+        gamma=0.5,
+        max_epochs=3,
+        lr=1e-2,
+        lr_schedule="warmup_cosine",
+        early_stopping=False,
+        validation_fraction=0.25,
+        callbacks=[("rec", rec)],
+    ).fit(X, y)
+    steps = len(rec.lrs_) // 3
+    assert len(rec.lrs_) == 3 * steps and steps >= 2
+    top = clf.net_.optimizer_.param_groups[-1]["initial_lr"]
+    expected = [top * WarmupCosine(steps, 3 * steps)(i) for i in range(3 * steps)]
+    np.testing.assert_allclose(rec.lrs_, expected, rtol=1e-6)
+    assert clf.net_.optimizer_.param_groups[-1]["lr"] == 0.0  # annealed to zero at the end
+    for g in clf.net_.optimizer_.param_groups:  # every group scaled alike: the ratios stay
+        assert g["initial_lr"] / top == pytest.approx(0.5 ** (clf.n_layers_ - g["layer"]))
 
 
 def test_frozen_layers_keep_weights_and_batchnorm_statistics(pretrained_state):
