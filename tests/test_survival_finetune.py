@@ -250,6 +250,14 @@ def test_early_stopping_on_the_validation_loss_when_asked():
     assert dict(model.net_.callbacks_)["early_stopping"].monitor == "valid_loss"
 
 
+def test_warmup_cosine_schedule_runs_on_event_stratified_batches():
+    X, y = _images(n=24, seed=2)
+    model = _model(lr_schedule="warmup_cosine", max_epochs=2, early_stopping=False).fit(X, y)
+    groups = model.net_.optimizer_.param_groups
+    assert all(0.0 <= g["lr"] < g["initial_lr"] for g in groups)  # warmed up, then annealed
+    assert np.isfinite(model.predict(X)).all()
+
+
 def test_tta_averages_the_mirror_image():
     X, y = _images(n=16)
     model = _model(pretrained=False, tta=True).fit(X, y)
