@@ -563,8 +563,8 @@ class BaseFineTune(BaseTorchImageEstimator):
                 ("lr_scheduler", LRScheduler(policy="CosineAnnealingLR", T_max=self.max_epochs))
             )
         elif self.lr_schedule == "warmup_cosine":  # stepped per batch
-            steps = n_rows_train // self.batch_size
-            steps += 0 if drop_last or n_rows_train % self.batch_size == 0 else 1
+            steps = n_rows_train // self.batch_size  # batches per epoch
+            steps = steps if drop_last else -(-n_rows_train // self.batch_size)
             schedule = WarmupCosine(steps, steps * self.max_epochs)
             cbs.append(
                 (
