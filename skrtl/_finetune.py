@@ -617,6 +617,9 @@ class BaseFineTune(BaseTorchImageEstimator):
             )
         if self.num_workers:
             net_kwargs["iterator_train__num_workers"] = int(self.num_workers)
+            # not "fork": forking a process whose OpenMP / inference-runtime threads are
+            # running can crash or deadlock the children (and the worker that forked them)
+            net_kwargs["iterator_train__multiprocessing_context"] = "forkserver"
         return net_class(
             module,
             criterion=criterion,
@@ -968,7 +971,8 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         per-sample ``augment`` transform is expensive. Results do not depend on it: shuffling
         and the augmentation seeds are drawn in the main process. skorch builds the loader
         for every epoch, so workers are started for every epoch (``persistent_workers`` would
-        not keep them).
+        not keep them). They start from a ``"forkserver"``, not by forking this process:
+        forking while OpenMP or inference-runtime threads run can crash the children.
     input_size : int, (int, int), (int, int, int) or "auto", default="auto"
         Images are resized (bilinear, antialiased) to this size (height, width); volumes of a
         3-D network to (depth, height, width) (an int: a cube). ``"auto"``: 128 for images and
