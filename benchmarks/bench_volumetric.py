@@ -503,8 +503,8 @@ def summarise(rows) -> dict:
         # the warm-up rows ran in a later session on a slower machine (see the rows'
         # sec_per_epoch_wall); the schedule changes no computation, so their budget is judged
         # by the member epochs they ran, at the score-stopped rows' CPU seconds per member epoch
-        rows_of = {k: [r for r in ft3d if r["config"] in v] for k, v in groups}
-        rate = np.mean([r["fit_cpu_s"] / sum(r["epochs_run"]) for r in rows_of["score_stop_3d"]])
+        score = [r for r in ft3d if r["config"] in SCORE_STOP_3D]
+        rate = np.mean([r["fit_cpu_s"] / sum(r["epochs_run"]) for r in score])
         warm = [r for r in ft3d if r["config"] in WARMUP_3D]
         equiv = max(sum(r["epochs_run"]) for r in warm) * rate
         means["warmup_3d"]["max_fit_cpu_s"] = equiv
