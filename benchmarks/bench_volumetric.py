@@ -67,7 +67,8 @@ PROBES = {
 # name -> FineTuneClassifier parameters (one network each; the default ensemble is 5). A
 # row was run with the defaults of its time: every 3-D row before the score-stopped ones
 # stopped on the validation loss (and the rows before the inflate-default seeds with
-# patience 5); rerunning one takes today's "auto" values unless its config sets them
+# patience 5), and every 3-D row before the warm-up ones used the per-epoch cosine schedule;
+# rerunning one takes today's "auto" values unless its config sets them
 FINETUNES = {
     "slices-2.5d": {"mode": "2.5d", "n_estimators": 1},
     "acs-32": {"mode": "3d", "volumetric": "acs", "input_size": 32, "n_estimators": 1},
@@ -186,12 +187,14 @@ FINETUNES = {
     # with early stopping on the members' validation AUC (early_stopping="score"; patience
     # "auto" is 2), adopted when its mean out-of-fold AUC over the three seeds beats the
     # loss-stopped rows' (LOSS_STOP_3D) and each fit stays within the CPU budget. It was
-    # adopted: early_stopping="auto" is "score" for a 3-D network, so these are the default
+    # adopted: early_stopping="auto" is "score" for a 3-D network (the default until the
+    # warm-up rows below)
     **{
         f"inflate-scorestop-ens5-seed{seed}": {
             "mode": "3d",
             "volumetric": "inflate",
             "early_stopping": "score",
+            "lr_schedule": "cosine",
             "random_state": seed,
         }
         for seed in range(3)
@@ -200,7 +203,9 @@ FINETUNES = {
     # lr_schedule="warmup_cosine" (the 3-D network overfits from its first epoch, and the
     # warm-up softens the first updates of the pretrained weights), adopted for 3-D networks
     # when its mean out-of-fold AUC over the three seeds beats the score-stopped rows'
-    # (SCORE_STOP_3D) by more than WARMUP_MARGIN and each fit stays within the CPU budget
+    # (SCORE_STOP_3D) by more than WARMUP_MARGIN and each fit stays within the CPU budget.
+    # It was adopted (0.766 vs 0.757): lr_schedule="auto" is "warmup_cosine" for a 3-D
+    # network, so these are the default
     **{
         f"inflate-warmup-ens5-seed{seed}": {
             "mode": "3d",
@@ -562,9 +567,12 @@ def main(argv=None):
         "ACC is at the 0.5 probability threshold (argmax).",
         "The 2-core CPU was shared with other jobs: wall seconds depend on the load average "
         "recorded in 'machine'; CPU seconds are the process time (all threads).",
-        "'machine' records the last run only: the inflate-warmup rows ran in a later session "
-        "on an Intel Xeon (2 vCPU, about 3.4x the seconds per epoch of the AMD EPYC of the "
-        "earlier rows), and seed 1 shared it with a second run, so its seconds are inflated.",
+        "'machine' records the last run only: the inflate-warmup rows ran in later sessions, "
+        "seeds 0 and 1 on an Intel Xeon (2 vCPU, about 3.4x the seconds per epoch of the AMD "
+        "EPYC of the earlier rows; seed 1 shared it with a second run, so its seconds are "
+        "inflated), seed 2 on an AVX2-only AMD EPYC without bf16 kernels (about 2.7x); the "
+        "warm-up budget is therefore counted in member epochs at the score-stopped rows' "
+        "CPU seconds per member epoch.",
     ]
 
     def write():

@@ -383,9 +383,10 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
     validation_fraction : float in (0, 0.5] or None, default=0.2
         Size of the internal validation split, stratified on the event indicator (``None``:
         no split, no early stopping).
-    lr_schedule : {"cosine", "warmup_cosine", "constant"}, default="cosine"
+    lr_schedule : {"auto", "cosine", "warmup_cosine", "constant"}, default="auto"
         As for the classifier: cosine annealing over ``max_epochs``, with a linear warm-up
-        over the first epoch's batches (``"warmup_cosine"``), or none.
+        over the first epoch's batches (``"warmup_cosine"``), or none. ``"auto"``: the
+        warm-up for a 3-D network, else ``"cosine"``.
     drop_rate : float or None, default=None
         Dropout before the head (``None``: the timm default of the backbone).
     callbacks : list or None, default=None
@@ -494,7 +495,7 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
         early_stopping="auto",
         patience="auto",
         validation_fraction=0.2,
-        lr_schedule="cosine",
+        lr_schedule="auto",
         drop_rate=None,
         callbacks=None,
         batch_size_predict=None,

@@ -292,6 +292,10 @@ def test_volumetric_fit_predict_pickle_and_prefix_cache():
     # the same optimizer groups as the 2-D network of the backbone
     groups = [g["layer"] for g in clf.net_.optimizer_.param_groups]
     assert groups == list(range(4, 11))
+    # lr_schedule="auto" of a 3-D network: the warm-up, stepped per batch
+    scheduler = dict(clf.nets_[0].callbacks_)["lr_scheduler"]
+    assert scheduler.policy is torch.optim.lr_scheduler.LambdaLR
+    assert scheduler.step_every == "batch"
     # the network is 3-D and takes volumes
     module = clf._skrtl_torch_module()
     x, _ = next(clf._skrtl_iter_inputs(frame))
@@ -463,5 +467,13 @@ def test_volumetric_auto_defaults_freeze_half_stop_sooner_and_use_48_cubes():
     assert loss_cube._early_stopping_monitor(plan) == ("valid_loss", True)
     assert cube._check_image_params()[0] == (48, 48, 48)
     assert flat._check_image_params()[0] == (128, 128)
+    # lr_schedule="auto" warms a 3-D network up; 2-D and slice-wise networks keep the cosine
+    assert (flat._lr_schedule(), cube._lr_schedule(), slices._lr_schedule()) == (
+        "cosine",
+        "warmup_cosine",
+        "cosine",
+    )
+    cosine_cube = FineTuneClassifier(mode="3d", volumetric="acs", lr_schedule="cosine")
+    assert cosine_cube._lr_schedule() == "cosine"
     with pytest.raises(ValueError, match="patience"):
         FineTuneClassifier(patience="soon")._validate_params()
