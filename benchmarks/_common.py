@@ -186,11 +186,15 @@ def machine_info() -> dict:
     import torch
 
     import skrtl
+    from skrtl.utils import bf16_supported
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "cpu": _cpu_model(),
         "arch": platform.machine(),
+        # the vector units the CPU kernels use (e.g. AVX2, AVX512) and whether bf16 is fast
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16_kernels": bf16_supported(torch.device("cpu")),
         "cpu_count": os.cpu_count(),
         "cores_available": cores,
         "torch_threads": torch.get_num_threads(),
