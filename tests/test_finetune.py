@@ -218,9 +218,10 @@ def test_prefix_caching_matches_uncached_training(monkeypatch):
     monkeypatch.setattr(ft, "_MAX_CACHE_BYTES", 0)
     plain = _clf(**kw).fit(X, y)
     assert plain.cached_prefix_ == 0
-    np.testing.assert_allclose(cached.predict_proba(X), plain.predict_proba(X), atol=1e-4)
-    # float rounding of the frozen layers differs with the batch composition; Adam turns that
-    # into small weight differences, so the losses agree to rounding, not bit for bit
+    # float rounding of the frozen layers differs with the batch composition (and with the
+    # CPU's kernels: 1.1e-4 on an AVX2-only CPU); Adam turns that into small weight
+    # differences, so probabilities and losses agree to rounding, not bit for bit
+    np.testing.assert_allclose(cached.predict_proba(X), plain.predict_proba(X), atol=5e-4)
     for a, b in zip(cached.history_, plain.history_):
         assert a["valid_loss"] == pytest.approx(b["valid_loss"], abs=5e-4)
     # after fit the module takes images again
