@@ -33,7 +33,7 @@ from torch import nn
 
 from ._backbone import get_transfer_layers
 from ._inference import CPU_MICRO_BATCH, MIXED_FP32_LAYERS, forward_features, static_same_padding
-from .utils import call_order, capture_outputs, forward_hooks
+from .utils import bf16_supported, call_order, capture_outputs, forward_hooks
 
 __all__ = [
     "BACKENDS",
@@ -85,7 +85,13 @@ def inference_backends() -> dict[str, bool]:
 
 
 def resolve_backend(backend: str, *, device: torch.device, precision: str, compile: bool) -> str:
-    """The backend that runs: ``"auto"`` -> OpenVINO on the CPU when installed, else torch.
+    """The backend that runs.
+
+    ``"auto"`` -> OpenVINO for float32 inference on the CPU (``precision="fp32"``, or
+    ``"auto"`` on a CPU without bfloat16 kernels) when it is installed and ``compile=False``;
+    torch otherwise (on CPUs with bfloat16 kernels skrtl's mixed-precision torch path is as
+    fast as OpenVINO float32 and OpenVINO's mixed path moved the probe AUC by more than 0.005;
+    ``docs/benchmarks.md``).
 
     Raises
     ------
@@ -93,7 +99,8 @@ def resolve_backend(backend: str, *, device: torch.device, precision: str, compi
         When an explicitly requested backend is not installed or cannot run the settings.
     """
     if backend == "auto":
-        if device.type == "cpu" and not compile and backend_available("openvino"):
+        fp32 = precision == "fp32" or (precision == "auto" and not bf16_supported(device))
+        if device.type == "cpu" and fp32 and not compile and backend_available("openvino"):
             return "openvino"
         return "torch"
     if backend == "torch":

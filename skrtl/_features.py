@@ -79,8 +79,14 @@ _CACHE_INFO_KEYS = ("entries", "bytes", "max_bytes", "hits", "misses")
 
 
 def clear_feature_cache() -> None:
-    """Empty the process-wide CNN feature cache of :class:`PretrainedCNNFeatures`."""
+    """Empty the process-wide caches of :class:`PretrainedCNNFeatures`.
+
+    Drops the cached features and the cached inference copies of the networks (the torch
+    copies and the compiled OpenVINO / ONNX Runtime ones; a fitted transformer keeps the copy
+    it already uses). The persistent ``cache_dir`` caches are left alone.
+    """
     _FEATURE_CACHE.clear()
+    _RUNNER_CACHE.clear()
 
 
 def feature_cache_info(max_mb: float | None = None) -> dict:
@@ -190,22 +196,26 @@ class PretrainedCNNFeatures(
         CPUs it can be slower than the eager default (no micro-batches or fused
         activations), so it is off by default. Only used for ``layers="final"`` and the torch
         backend.
-    backend : {"torch", "auto", "openvino", "onnxruntime"}, default="torch"
-        What runs the network on the CPU. ``"torch"`` (default): skrtl's own inference copy
-        (:mod:`skrtl._inference`). ``"auto"``: OpenVINO when the ``openvino`` package
-        is installed (``pip install 'skrtl[openvino]'``), the device is the CPU and
-        ``compile=False``; torch otherwise. ``"openvino"``: the network (with static paddings,
-        one output per requested feature map) is exported to ONNX and compiled by OpenVINO
-        for the fitted input size and precision, once per network state; ``"mixed"`` runs a
-        float32 head and a bfloat16 tail, as the torch path does. ``"onnxruntime"``: ONNX
-        Runtime, float32 only (``precision="auto"`` then means ``"fp32"``). Every compiled
-        copy is checked against the float32 torch network when it is built (average-pooled
-        feature maps of a probe image within :data:`~skrtl._backends.BACKEND_TOLERANCE`);
-        a failed export, compilation or check falls back to torch with an
-        :class:`~skrtl.InferenceBackendWarning`. Pooling (masked or not) runs outside the
-        compiled network, so every ``layers`` / ``pooling`` combination works with every
-        backend. Features of different backends differ by float rounding, so the
-        feature caches keep them apart.
+    backend : {"auto", "torch", "openvino", "onnxruntime"}, default="auto"
+        What runs the network on the CPU. ``"auto"`` (default): OpenVINO for float32
+        inference (``precision="fp32"``, or ``"auto"`` on a CPU without bfloat16 kernels)
+        when the ``openvino`` package is installed (``pip install 'skrtl[openvino]'``), the
+        device is the CPU and ``compile=False``; skrtl's own torch inference copy otherwise
+        (on CPUs with bfloat16 kernels its mixed precision is as fast as OpenVINO float32).
+        ``"torch"``: always skrtl's torch inference copy (:mod:`skrtl._inference`).
+        ``"openvino"``: the network (with static paddings, one output per requested feature
+        map) is exported to ONNX and compiled by OpenVINO for the fitted input size and
+        precision, once per network state; ``"mixed"`` runs a float32 head and a bfloat16
+        tail, as the torch path does. ``"onnxruntime"``: ONNX Runtime, float32 only
+        (``precision="auto"`` then means ``"fp32"``). Every compiled copy is checked against
+        the float32 torch network when it is built (average-pooled feature maps of a probe
+        image within :data:`~skrtl._backends.BACKEND_TOLERANCE`); a failed export,
+        compilation or check falls back to torch with an
+        :class:`~skrtl.InferenceBackendWarning` (for ``"auto"`` too). Pooling (masked or
+        not) runs outside the compiled network, so every ``layers`` / ``pooling``
+        combination works with every backend. Features of different backends differ by
+        float rounding (about 1e-6 relative in float32), so the feature caches keep them
+        apart. 3-D networks (``volumetric``) always run in torch.
     cache : bool, default=True
         Look features up in (and store them into) the process-wide LRU cache, keyed by a hash
         of the image (and mask) content (the file identity for cohort files), every parameter
@@ -318,7 +328,7 @@ class PretrainedCNNFeatures(
         device="auto",
         precision="auto",
         compile=False,
-        backend="torch",
+        backend="auto",
         cache=True,
         cache_dir=None,
         cache_size_mb=2048,
@@ -605,6 +615,8 @@ class PretrainedCNNFeatures(
                     InferenceBackendWarning,
                     stacklevel=3,
                 )
+            else:
+                _RUNNER_CACHE.put(key, runner)
         if runner is None:
             runner = InferenceRunner(
                 self.model_,

@@ -5,16 +5,19 @@ from __future__ import annotations
 import pickle
 import threading
 import warnings
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 from conftest import blob_images
+from sklearn.base import clone
 
 import skrtl._backends as backends
 from skrtl import (
     InferenceBackendWarning,
     PretrainedCNNFeatures,
+    clear_feature_cache,
     feature_cache_info,
     inference_backends,
     make_image_frame,
@@ -68,17 +71,50 @@ def test_openvino_mixed_precision_is_close_to_torch_mixed():
     assert _rel(got, ref) < 2 * _rel(torch_mixed, ref) + 1e-3
 
 
-def test_auto_resolves_to_openvino_on_cpu_and_torch_with_compile():
+def test_auto_is_the_default_and_runs_float32_inference_in_openvino():
     _needs("openvino")
     X, _, _ = blob_images(n=2)
-    assert PretrainedCNNFeatures(input_size=32).fit(X).backend_ == "torch"  # the default
-    assert PretrainedCNNFeatures(input_size=32, backend="auto").fit(X).backend_ == "openvino"
-    auto_compiled = PretrainedCNNFeatures(input_size=32, backend="auto", compile=True)
+    fp32 = PretrainedCNNFeatures(input_size=32, precision="fp32").fit(X)
+    assert fp32.backend == "auto" and fp32.backend_ == "openvino"
+    auto_compiled = PretrainedCNNFeatures(input_size=32, precision="fp32", compile=True)
     assert auto_compiled.fit(X).backend_ == "torch"
     cpu = torch.device("cpu")
-    assert backends.resolve_backend("auto", device=cpu, precision="auto", compile=False) == (
-        "openvino"
-    )
+    for precision, bf16, expected in [
+        ("auto", False, "openvino"),  # fp32 on a CPU without bf16 kernels
+        ("auto", True, "torch"),  # mixed precision in torch on a CPU with them
+        ("fp32", True, "openvino"),
+        ("mixed", True, "torch"),
+        ("bf16", True, "torch"),
+    ]:
+        with mock.patch.object(backends, "bf16_supported", lambda device, bf16=bf16: bf16):
+            got = backends.resolve_backend("auto", device=cpu, precision=precision, compile=False)
+        assert got == expected, (precision, bf16)
+    meta = torch.device("meta")  # any non-CPU device keeps torch
+    got = backends.resolve_backend("auto", device=meta, precision="fp32", compile=False)
+    assert got == "torch"
+    default = PretrainedCNNFeatures(input_size=32).fit(X)
+    expected = "torch" if default.precision_ == "mixed" else "openvino"
+    assert default.backend_ == expected
+
+
+def test_auto_default_gives_the_float32_torch_features():
+    _needs("openvino")
+    X, _, _ = blob_images(n=6)
+    ref = PretrainedCNNFeatures(input_size=48, precision="fp32", backend="torch", cache=False)
+    got = PretrainedCNNFeatures(input_size=48, precision="fp32", cache=False).fit(X).transform(X)
+    assert _rel(got, ref.fit(X).transform(X)) < 1e-4
+
+
+def test_compiled_copies_are_cached_per_network_state():
+    _needs("openvino")
+    X, _, _ = blob_images(n=3)
+    kw = {"input_size": 32, "precision": "fp32", "backend": "openvino", "cache": False}
+    a = PretrainedCNNFeatures(**kw).fit(X)
+    a.transform(X)
+    with mock.patch.object(backends, "OpenVINORunner", side_effect=AssertionError("rebuilt")):
+        b = clone(a).fit(X)
+        np.testing.assert_array_equal(b.transform(X), a.transform(X))
+    assert b._fast is a._fast
 
 
 def test_failed_backend_falls_back_to_torch_with_a_warning(monkeypatch):
@@ -88,6 +124,7 @@ def test_failed_backend_falls_back_to_torch_with_a_warning(monkeypatch):
         raise backends.BackendError("forced failure")
 
     monkeypatch.setattr(backends.OpenVINORunner, "check", broken)
+    clear_feature_cache()  # no compiled copy of an earlier test
     X, _, _ = blob_images(n=5)
     fe = PretrainedCNNFeatures(input_size=40, precision="fp32", backend="openvino").fit(X)
     with pytest.warns(InferenceBackendWarning, match="forced failure"):
