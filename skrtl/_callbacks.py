@@ -27,6 +27,8 @@ __all__ = [
     "FreezeBatchNorm",
     "OptunaPruning",
     "WarmupCosine",
+    "WeightEMA",
+    "WeightSWA",
     "validation_scoring",
 ]
 
@@ -320,3 +322,97 @@ class WeightEMA(Callback):
             for w, p in zip(self.live_, self._params(net)):
                 p.copy_(w)
         self.live_ = None
+
+
+class WeightSWA(Callback):
+    """Stochastic weight averaging: end with the mean of the late epochs' weights.
+
+    The trainable parameters at the end of every epoch from epoch ``ceil(start *
+    max_epochs)`` on (1-based; at least the last epoch) are averaged with equal weights, and
+    the network ends training with that average. The BatchNorm layers that trained (those
+    with trainable parameters) then get running statistics of the averaged network: their
+    statistics are reset and re-estimated, as cumulative averages, by one pass over the
+    training split of the last epoch in training mode (no gradient, no optimizer step).
+    :func:`torch.optim.swa_utils.update_bn` is not used because it resets *every* BatchNorm
+    of the model, which would overwrite the pretrained statistics of the frozen layers.
+    Validation during training sees the live weights, so use it without early stopping (an
+    early stop before ``start`` leaves the live weights of the last epoch).
+
+    Parameters
+    ----------
+    start : float in (0, 1], default=0.5
+        Fraction of ``max_epochs`` after which averaging begins.
+    update_bn : bool, default=True
+        Re-estimate the statistics of the trained BatchNorm layers for the average.
+    """
+
+    def __init__(self, start: float = 0.5, update_bn: bool = True):
+        self.start = start
+        self.update_bn = update_bn
+
+    def initialize(self):
+        self.sum_ = None
+        self.n_averaged_ = 0
+        self.train_data_ = None
+        return self
+
+    def _params(self, net):
+        return [p for p in net.module_.parameters() if p.requires_grad]
+
+    def on_train_begin(self, net, **kwargs):
+        self.sum_ = None
+        self.n_averaged_ = 0
+        self.train_data_ = None
+
+    def on_epoch_begin(self, net, dataset_train=None, **kwargs):
+        self.train_data_ = dataset_train
+
+    def on_epoch_end(self, net, **kwargs):
+        first = max(1, int(np.ceil(float(self.start) * int(net.max_epochs))))
+        if len(net.history) < min(first, int(net.max_epochs)):
+            return
+        params = self._params(net)
+        with torch.no_grad():
+            if self.sum_ is None:
+                self.sum_ = [p.detach().to(torch.float64).clone() for p in params]
+            else:
+                for s, p in zip(self.sum_, params):
+                    s.add_(p.detach().to(torch.float64))
+        self.n_averaged_ += 1
+
+    def on_train_end(self, net, **kwargs):
+        if self.sum_ is not None and self.n_averaged_:
+            with torch.no_grad():
+                for s, p in zip(self.sum_, self._params(net)):
+                    p.copy_((s / self.n_averaged_).to(p.dtype))
+            if self.update_bn and self.train_data_ is not None:
+                self._reestimate_bn(net)
+        self.sum_ = None
+        self.train_data_ = None
+
+    def _reestimate_bn(self, net):
+        module = net.module_
+        bns = [
+            m
+            for m in module.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            and m.track_running_stats
+            and any(p.requires_grad for p in m.parameters(recurse=False))
+        ]
+        if not bns:
+            return
+        saved = {m: m.momentum for m in bns}
+        was_training = module.training
+        module.eval()  # dropout and the frozen layers' normalisation stay in eval mode
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the pass
+            m.train()
+        try:
+            with torch.no_grad():
+                for Xi, _ in net.get_iterator(self.train_data_, training=False):
+                    net.infer(Xi)
+        finally:
+            for m, mom in saved.items():
+                m.momentum = mom
+            module.train(was_training)
