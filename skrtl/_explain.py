@@ -368,7 +368,7 @@ def _explain_network(est, Xg, data, rows, *, method, layer, labels, tta, batch_s
         per_image_target,
         method=method,
         module_name=None if resolved is None else resolved[1],
-        tta=bool(est.tta_ if tta is None else tta),
+        tta=bool(est.tta if tta is None else tta),
         batch_size=bs,
         window=options.get("occlusion_window"),
         stride=options.get("occlusion_stride"),
@@ -503,8 +503,7 @@ def explain(
         label for every sample, or one label per sample.
     tta : bool or None, default=None
         Networks: also explain the mirror image (and mirror its map back), averaging both as
-        ``predict_proba`` averages the two predictions. ``None``: the estimator's resolved
-        ``tta_``.
+        ``predict_proba`` averages the two predictions. ``None``: the estimator's ``tta``.
     sample_domain : array-like of shape (n_samples,), optional
         AdaBN: the site of each row instead of the frame's site column.
     batch_size : int, optional

@@ -264,7 +264,7 @@ class BaseFineTune(BaseTorchImageEstimator):
         "callbacks": [list, tuple, None],
         "batch_size_predict": [Interval(Integral, 1, None, closed="left"), None],
         "n_estimators": [Interval(Integral, 1, None, closed="left")],
-        "tta": ["boolean", StrOptions({"auto"})],
+        "tta": ["boolean"],
         "random_state": ["random_state"],
     }
 
@@ -840,20 +840,9 @@ class BaseFineTune(BaseTorchImageEstimator):
         )
         return self._forward_members(batches, len(data), output)
 
-    @property
-    def tta_(self) -> bool:
-        """Whether predictions average over mirror views (``tta`` with ``"auto"`` resolved)."""
-        check_is_fitted(self, "nets_")
-        return self._resolved_tta()
-
-    def _resolved_tta(self) -> bool:
-        if isinstance(self.tta, str):  # "auto": mirror views for a 3-D network only
-            return bool(self._volumetric)
-        return bool(self.tta)
-
     def _tta_flips(self) -> tuple[tuple[int, ...], ...]:
         """Axes flipped by each test-time view (``()``: the input itself)."""
-        if not self._resolved_tta():
+        if not self.tta:
             return ((),)
         if self.preprocessor_.is_volumetric:
             return _VOLUME_TTA_FLIPS
@@ -1090,17 +1079,11 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         variance a single network has with its seed and validation split (measured in
         ``docs/benchmarks.md``); use ``n_estimators=1`` for quick experiments and inside
         hyper-parameter searches.
-    tta : bool or "auto", default="auto"
+    tta : bool, default=True
         Test-time augmentation: average the predictions on each image and on its horizontal
-        mirror image; for the volumes of a 3-D network, on the volume and its mirror images
-        along the width, height and depth axes. ``"auto"``: on for 3-D networks
-        (``volumetric="acs"`` / ``"inflate"``), off for 2-D networks (slice-wise
-        ``mode="3d"`` included): with the default ``augment=False`` the network never sees a
-        mirror image in training, and on the validation splits of issue 22 the mirror
-        average lowered the AUC (``docs/finetune.md``, "How the defaults were chosen").
-        ``True`` may help with ``augment=True``, whose flips teach the mirror; keep it
-        ``False`` when left and right carry meaning for the label. The resolved value is
-        ``tta_``.
+        mirror image (the mirror is also one of the training augmentations); for the volumes
+        of a 3-D network, on the volume and its mirror images along the width, height and
+        depth axes. Set it to ``False`` when left and right carry meaning for the label.
     device : str, default="auto"
         ``"auto"``: CUDA when available, else CPU.
     random_state : int, RandomState instance or None, default=None
@@ -1137,8 +1120,6 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         ``best_epoch_`` of every member.
     cached_prefix_ : int
         Number of network stages whose output was cached (0 = no caching).
-    tta_ : bool
-        Whether predictions average over the mirror views (``tta`` resolved).
     threshold_ : float or None
         Decision threshold of :meth:`predict` on ``predict_proba(X)[:, 1]`` (None for more
         than two classes).
@@ -1221,7 +1202,7 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
         callbacks=None,
         batch_size_predict=None,
         n_estimators=5,
-        tta="auto",
+        tta=True,
         device="auto",
         random_state=None,
         verbose=0,

@@ -398,11 +398,9 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
     n_estimators : int, default=5
         Networks in the cross-fitted ensemble (each with its own validation fold, stratified
         on the event indicator); their risk scores are averaged. Use 1 for quick experiments.
-    tta : bool or "auto", default="auto"
+    tta : bool, default=True
         Average the risk of each image and of its horizontal mirror image (a volume of a 3-D
-        network: its mirror images along the three axes). ``"auto"``: on for 3-D networks,
-        off for 2-D networks, as in :class:`~skrtl.FineTuneClassifier` (chosen there on
-        validation data; no survival measurement). The resolved value is ``tta_``.
+        network: its mirror images along the three axes).
     device : str, default="auto"
     random_state : int, RandomState instance or None, default=None
         Seeds the validation folds, the batches, dropout and augmentation (forked torch RNG).
@@ -414,8 +412,6 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
         The first member's trained net.
     nets_ : list of skorch.NeuralNet
         The ``n_estimators`` members.
-    tta_ : bool
-        Whether risks average over the mirror views (``tta`` resolved).
     survival_train_ : structured array of shape (n_samples,)
         The training target; the IPCW scorers (Uno's C, time-dependent AUC, Brier score)
         take the censoring distribution from it.
@@ -504,7 +500,7 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
         callbacks=None,
         batch_size_predict=None,
         n_estimators=5,
-        tta="auto",
+        tta=True,
         device="auto",
         random_state=None,
         verbose=0,

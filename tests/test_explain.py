@@ -222,12 +222,12 @@ def test_gradcam_of_a_finetuned_ensemble(finetuned, frame, method):
 def test_ensembles_average_member_maps_and_tta_averages_the_mirror_image(finetuned, frame):
     X, _ = frame
     rows = X.iloc[:2]
-    full = explain(finetuned, rows, target=1, tta=True)
+    full = explain(finetuned, rows, target=1)
     singles = []
     for net in finetuned.nets_:
         member = finetuned._skrtl_network_copy()
         member.nets_, member.net_ = [net], net
-        singles.append(explain(member, rows, target=1, tta=True))
+        singles.append(explain(member, rows, target=1))
     for i in range(2):
         mean = np.mean([s.maps[i] for s in singles], axis=0)
         np.testing.assert_allclose(full.maps[i], mean, atol=1e-5)
@@ -238,11 +238,6 @@ def test_ensembles_average_member_maps_and_tta_averages_the_mirror_image(finetun
     for i in range(2):
         both = 0.5 * (plain.maps[i] + flip.maps[i][:, ::-1])
         np.testing.assert_allclose(full.maps[i], both, atol=2e-3)
-    # tta=None follows the estimator's resolved tta_ (off for this 2-D network by default)
-    assert finetuned.tta_ is False
-    default = explain(finetuned, rows, target=1)
-    for i in range(2):
-        np.testing.assert_allclose(default.maps[i], plain.maps[i], atol=1e-6)
 
 
 def test_network_inputs_are_the_estimators_own(finetuned, frame, monkeypatch):

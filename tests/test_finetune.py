@@ -331,12 +331,6 @@ def test_tta_averages_the_mirror_image():
     clf.set_params(tta=False)
     np.testing.assert_allclose(clf.predict_proba(X), _member_proba(clf, X), atol=1e-6)
     assert not np.allclose(expected, _member_proba(clf, X), atol=1e-6)
-    # the default "auto" is off for a 2-D network (3-D: tests/test_volumetric.py)
-    clf.set_params(tta="auto")
-    assert FineTuneClassifier().tta == "auto" and clf.tta_ is False
-    np.testing.assert_allclose(clf.predict_proba(X), _member_proba(clf, X), atol=1e-6)
-    with pytest.raises(ValueError, match="tta"):
-        _clf(tta="yes").fit(X, y)
 
 
 def test_small_classes_fall_back_to_random_member_splits():

@@ -265,9 +265,6 @@ def test_tta_averages_the_mirror_image():
     model.tta = False
     plain, mirror = model.predict(X), model.predict(X[:, :, ::-1].copy())
     np.testing.assert_allclose(both, (plain + mirror) / 2, rtol=1e-5, atol=1e-6)
-    model.tta = "auto"  # the default: off for a 2-D network
-    assert model.tta_ is False
-    np.testing.assert_allclose(model.predict(X), plain, rtol=1e-6)
 
 
 def test_freeze_depth_and_layerwise_rates():

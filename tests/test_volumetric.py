@@ -284,7 +284,6 @@ def test_volumetric_fit_predict_pickle_and_prefix_cache():
     ).fit(frame, y)
     assert clf.cached_prefix_ == 3  # stem + two block groups: computed once, streamed
     assert clf.n_layers_ == 10 and clf.layer_names_[0] == "stem"
-    assert clf.tta == "auto" and clf.tta_ is True  # the default: mirror views for 3-D
     assert clf._tta_flips() == ((), (-1,), (-2,), (-3,))
     proba = clf.predict_proba(frame)
     assert proba.shape == (8, 2) and np.allclose(proba.sum(1), 1)
