@@ -24,6 +24,8 @@ import torch  # noqa: E402
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+from skorch.callbacks import Callback  # noqa: E402
+
 from skrtl import make_image_frame  # noqa: E402
 
 SIZE = 32
@@ -90,3 +92,27 @@ def volume_frame():
     """``(frame, y)``: 8 tiny volumes with lesion masks."""
     vols, y, masks = blob_volumes()
     return make_image_frame(list(vols), masks=list(masks), spacing=(2.0, 0.7, 0.7)), y
+
+
+def trainable_weights(net) -> list[torch.Tensor]:
+    """Copies of the trainable weights of a skorch net's module."""
+    return [p.detach().clone() for p in net.module_.parameters() if p.requires_grad]
+
+
+class WeightSnapshots(Callback):
+    """Records the trainable weights at the start (``"begin"``) or end of every epoch."""
+
+    def __init__(self, when):
+        self.when = when
+
+    def initialize(self):
+        self.weights_ = []
+        return self
+
+    def on_epoch_begin(self, net, **kwargs):
+        if self.when == "begin":
+            self.weights_.append(trainable_weights(net))
+
+    def on_epoch_end(self, net, **kwargs):
+        if self.when == "end":
+            self.weights_.append(trainable_weights(net))

@@ -5,35 +5,11 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from conftest import square_images
+from conftest import WeightSnapshots, square_images, trainable_weights
 from skorch.callbacks import Callback
 
 from skrtl import FineTuneClassifier
 from skrtl._callbacks import WeightEMA
-
-
-def _trainable(net) -> list[torch.Tensor]:
-    """Copies of the trainable weights of a skorch net's module."""
-    return [p.detach().clone() for p in net.module_.parameters() if p.requires_grad]
-
-
-class Snapshots(Callback):
-    """Records the trainable weights at the start (``"begin"``) or end of every epoch."""
-
-    def __init__(self, when):
-        self.when = when
-
-    def initialize(self):
-        self.weights_ = []
-        return self
-
-    def on_epoch_begin(self, net, **kwargs):
-        if self.when == "begin":
-            self.weights_.append(_trainable(net))
-
-    def on_epoch_end(self, net, **kwargs):
-        if self.when == "end":
-            self.weights_.append(_trainable(net))
 
 
 class LiveWeights(Callback):
@@ -46,7 +22,7 @@ class LiveWeights(Callback):
 
     def on_batch_end(self, net, batch=None, training=None, **kwargs):
         if training:
-            self.after_batch_.append(_trainable(net))
+            self.after_batch_.append(trainable_weights(net))
 
 
 _data = partial(square_images, n=24)
@@ -66,7 +42,7 @@ def test_without_validation_the_network_ends_with_the_recursive_average():
 
     class StartWeights(Callback):
         def on_train_begin(self, net, **kwargs):
-            self.start_ = _trainable(net)
+            self.start_ = trainable_weights(net)
 
     start = StartWeights()
     clf = FineTuneClassifier(
@@ -93,7 +69,7 @@ def test_validation_sees_the_average_and_training_resumes_from_live_weights():
     X, y = _data()
     rec = LiveWeights()
 
-    at_val, epoch_start = Snapshots("end"), Snapshots("begin")
+    at_val, epoch_start = WeightSnapshots("end"), WeightSnapshots("begin")
     clf = FineTuneClassifier(
         input_size=32,
         max_epochs=2,

@@ -7,26 +7,10 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import square_images
-from skorch.callbacks import Callback
+from conftest import WeightSnapshots, square_images
 
 from skrtl import FineTuneClassifier
 from skrtl._callbacks import WeightSWA
-
-
-def _trainable(net) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in net.module_.parameters() if p.requires_grad]
-
-
-class EpochEnds(Callback):
-    """Records the trainable weights at the end of every epoch (before WeightSWA averages)."""
-
-    def initialize(self):
-        self.weights_ = []
-        return self
-
-    def on_epoch_end(self, net, **kwargs):
-        self.weights_.append(_trainable(net))
 
 
 def _bns(module):
@@ -50,7 +34,7 @@ def _clf(callbacks, **kw):
 
 def test_network_ends_with_the_mean_of_the_last_half_and_fresh_bn_statistics():
     X, y = square_images(n=24)
-    rec = EpochEnds()
+    rec = WeightSnapshots("end")
     clf = _clf([("ends", rec), ("swa", WeightSWA(start=0.5))]).fit(X, y)
     module = clf.net_.module_
     assert len(rec.weights_) == 4
@@ -67,7 +51,7 @@ def test_network_ends_with_the_mean_of_the_last_half_and_fresh_bn_statistics():
     # prediction batches of 16 (cumulative average: the counter restarts, counts 2 batches)
     assert {int(m.num_batches_tracked) for m in trained} == {2}
     assert all(m.momentum == 0.1 for m in trained)  # momentum restored
-    ref = _clf([("ends", EpochEnds())]).fit(X, y).net_.module_
+    ref = _clf([("ends", WeightSnapshots("end"))]).fit(X, y).net_.module_
     for a, b in zip(frozen, [m for m in _bns(ref) if not m.weight.requires_grad]):
         torch.testing.assert_close(a.running_mean, b.running_mean)  # pretrained values kept
     assert not module.training
@@ -79,7 +63,7 @@ def test_network_ends_with_the_mean_of_the_last_half_and_fresh_bn_statistics():
 
 def test_without_bn_update_the_live_statistics_stay_and_start_one_averages_the_last_epoch():
     X, y = square_images(n=24)
-    rec = EpochEnds()
+    rec = WeightSnapshots("end")
     swa = WeightSWA(start=1.0, update_bn=False)
     clf = _clf([("ends", rec), ("swa", swa)], max_epochs=2).fit(X, y)
     module = clf.net_.module_
@@ -92,7 +76,7 @@ def test_without_bn_update_the_live_statistics_stay_and_start_one_averages_the_l
 @pytest.mark.parametrize("start", [0.25, 0.75])
 def test_start_sets_the_first_averaged_epoch(start):
     X, y = square_images(n=24)
-    rec = EpochEnds()
+    rec = WeightSnapshots("end")
     clf = _clf([("ends", rec), ("swa", WeightSWA(start=start, update_bn=False))]).fit(X, y)
     first = int(np.ceil(start * 4))
     expected = [torch.stack(ws).mean(0) for ws in zip(*rec.weights_[first - 1 :])]
