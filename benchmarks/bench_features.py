@@ -473,6 +473,8 @@ def bench_backends(X, *, sizes, batch_sizes, repeats: int, threads: int) -> dict
     """img/s of every path per input size (batch 32) and per batch size (largest input)."""
     import os
 
+    from skrtl._backends import BACKEND_TOLERANCE
+
     grid = []
     builds = {}
     for size in sizes:
@@ -517,6 +519,15 @@ def bench_backends(X, *, sizes, batch_sizes, repeats: int, threads: int) -> dict
             ]
             row["fastest_baseline"] = fastest
             row["default_vs_fastest_baseline"] = round(best["skrtl_default"] / best[fastest], 3)
+            # the issue's "at equal accuracy": baselines whose features are within the default's
+            # documented tolerance of fp32 (pure bf16 is not)
+            diffs = row["feature_diff_vs_fp32"]
+            exact = [k for k in base if diffs[k]["rel_norm_diff"] <= BACKEND_TOLERANCE["mixed"]]
+            fastest_exact = max(exact, key=best.__getitem__)
+            row["fastest_equal_accuracy_baseline"] = fastest_exact
+            row["default_vs_fastest_equal_accuracy_baseline"] = round(
+                best["skrtl_default"] / best[fastest_exact], 3
+            )
             row["default_vs_baselines_paired_median"] = {
                 k: round(v, 3) for k, v in zip(base, paired)
             }
@@ -528,11 +539,14 @@ def bench_backends(X, *, sizes, batch_sizes, repeats: int, threads: int) -> dict
     flat.update({f"{k}_vs_plain": v for k, v in head["vs_plain"].items()})
     flat["fastest_baseline"] = head["fastest_baseline"]
     flat["default_vs_fastest_baseline"] = head["default_vs_fastest_baseline"]
+    flat["fastest_equal_accuracy_baseline"] = head["fastest_equal_accuracy_baseline"]
     for r in grid:
         if r["batch_size"] == 32:
-            flat[f"default_vs_fastest_baseline_{r['input_size']}px"] = r[
-                "default_vs_fastest_baseline"
-            ]
+            for key in (
+                "default_vs_fastest_baseline",
+                "default_vs_fastest_equal_accuracy_baseline",
+            ):
+                flat[f"{key}_{r['input_size']}px"] = r[key]
     for k in ("skrtl_default", "skrtl_openvino_mixed", "openvino_bf16", "skrtl_torch_mixed"):
         if k in head["feature_diff_vs_fp32"]:  # the bf16 paths only where bf16 kernels exist
             flat[f"{k}_rel_norm_diff"] = head["feature_diff_vs_fp32"][k]["rel_norm_diff"]
@@ -691,9 +705,13 @@ def _targets(rows) -> dict:
     if "cache" in sections:
         t["cache_speedup>=20"] = sections["cache"]["speedup"] >= 20
     if "backends" in sections:
-        t["default_vs_fastest_baseline>=1"] = (
-            sections["backends"]["default_vs_fastest_baseline"] >= 1.0
-        )
+        b = sections["backends"]
+        t["default_vs_fastest_baseline>=1"] = b["default_vs_fastest_baseline"] >= 1.0
+        sized = [k for k in b if k.startswith("default_vs_fastest_equal_accuracy_baseline_")]
+        if sized:  # rows of runs before this key existed do not have it
+            t["default_vs_fastest_equal_accuracy_baseline>=1_every_size"] = all(
+                b[k] >= 1.0 for k in sized
+            )
     if "backend_probe" in sections:
         bp = sections["backend_probe"]
         t["probe_cv_auc_diff_default<=0.005"] = abs(bp["cv_auc_diff_skrtl_default"]) <= 0.005

@@ -7,9 +7,10 @@ is called like :class:`~skrtl._inference.InferenceRunner`: a normalised input ba
 requested feature maps (float32 torch tensors) out; pooling stays in torch.
 
 Precision follows the torch path: ``"fp32"``; ``"bf16"`` (OpenVINO's bfloat16 inference
-precision); ``"mixed"``: the network is cut after transfer layer
-:data:`~skrtl._inference.MIXED_FP32_LAYERS` into a float32 head and a bfloat16 tail, two
-OpenVINO models run one after the other on each micro-batch. The micro-batches of a batch run
+precision); ``"mixed"``: the network is cut into a float32 head, the first half of its
+transfer layers (:data:`OPENVINO_MIXED_FP32_SHARE`, at least
+:data:`~skrtl._inference.MIXED_FP32_LAYERS`), and a bfloat16 tail, two OpenVINO models run
+one after the other on each micro-batch. The micro-batches of a batch run
 one after the other on one OpenVINO stream that uses every thread.
 
 Every runner is checked when it is built: its feature maps of a smooth probe image, globally
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import math
 import queue
 import threading
 import warnings
@@ -33,18 +35,28 @@ from torch import nn
 
 from ._backbone import get_transfer_layers
 from ._inference import CPU_MICRO_BATCH, MIXED_FP32_LAYERS, forward_features, static_same_padding
-from .utils import bf16_supported, call_order, capture_outputs, forward_hooks
+from .utils import call_order, capture_outputs, forward_hooks
 
 __all__ = [
     "BACKENDS",
     "BACKEND_TOLERANCE",
     "BackendError",
     "InferenceBackendWarning",
+    "OPENVINO_MIXED_FP32_SHARE",
     "backend_available",
     "build_backend_runner",
     "inference_backends",
+    "mixed_fp32_layers",
     "resolve_backend",
 ]
+
+#: OpenVINO's mixed precision keeps this share of the transfer layers (rounded up, at least
+#: :data:`~skrtl._inference.MIXED_FP32_LAYERS`) in float32. OpenVINO's float32 kernels on the
+#: high-resolution early layers are about as fast as its bfloat16 ones, so a longer float32 head
+#: halves the distance from float32 at nearly the same speed (torch's float32 kernels are slower:
+#: its mixed path keeps only the first :data:`~skrtl._inference.MIXED_FP32_LAYERS`).
+#: Measured in ``docs/benchmarks.md``.
+OPENVINO_MIXED_FP32_SHARE = 0.5
 
 #: Values of the ``backend`` parameter of :class:`~skrtl.PretrainedCNNFeatures`.
 BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
@@ -87,11 +99,11 @@ def inference_backends() -> dict[str, bool]:
 def resolve_backend(backend: str, *, device: torch.device, precision: str, compile: bool) -> str:
     """The backend that runs.
 
-    ``"auto"`` -> OpenVINO for float32 inference on the CPU (``precision="fp32"``, or
-    ``"auto"`` on a CPU without bfloat16 kernels) when it is installed and ``compile=False``;
-    torch otherwise (on CPUs with bfloat16 kernels skrtl's mixed-precision torch path is as
-    fast as OpenVINO float32 and OpenVINO's mixed path moved the probe AUC by more than 0.005;
-    ``docs/benchmarks.md``).
+    ``"auto"`` -> OpenVINO on the CPU when it is installed and ``compile=False``, for float32
+    and for mixed-precision inference (``precision="auto"`` resolves to one of them: mixed on
+    CPUs with bfloat16 kernels, float32 elsewhere); torch otherwise (``precision="bf16"``,
+    CUDA, ``compile=True``). Measured side by side in ``docs/benchmarks.md``: on both kinds of
+    CPU OpenVINO was the fastest path within the default's tolerance.
 
     Raises
     ------
@@ -99,8 +111,8 @@ def resolve_backend(backend: str, *, device: torch.device, precision: str, compi
         When an explicitly requested backend is not installed or cannot run the settings.
     """
     if backend == "auto":
-        fp32 = precision == "fp32" or (precision == "auto" and not bf16_supported(device))
-        if device.type == "cpu" and fp32 and not compile and backend_available("openvino"):
+        ov_precision = precision in ("fp32", "mixed", "auto")
+        if device.type == "cpu" and ov_precision and not compile and backend_available("openvino"):
             return "openvino"
         return "torch"
     if backend == "torch":
@@ -154,13 +166,26 @@ def _smooth_probe(in_chans: int, size: tuple) -> torch.Tensor:
     return (x - 0.45) / 0.25
 
 
+def mixed_fp32_layers(n_layers: int) -> int:
+    """Number of leading transfer layers that OpenVINO's mixed precision runs in float32."""
+    return max(MIXED_FP32_LAYERS, math.ceil(OPENVINO_MIXED_FP32_SHARE * n_layers))
+
+
 def _mixed_boundary(model: nn.Module, probe: torch.Tensor) -> str:
-    """Module whose output ends the float32 part of mixed precision."""
+    """Module whose output ends the float32 part of mixed precision.
+
+    The last float32 transfer layer's own module when it has one (a stage: its output follows
+    the residual additions inside it), else its last called module.
+    """
     layers = get_transfer_layers(model)
-    if len(layers) <= MIXED_FP32_LAYERS:
+    k = mixed_fp32_layers(len(layers))
+    if len(layers) <= k:
         raise BackendError("the network has too few transfer layers for mixed precision")
     order = call_order(model, probe, forward=forward_features)
-    called = [m for m in layers[MIXED_FP32_LAYERS - 1].module_names if m in order]
+    last = layers[k - 1]
+    if last.name in order:
+        return last.name
+    called = [m for m in last.module_names if m in order]
     if not called:
         raise BackendError("the last float32 layer of mixed precision is not called")
     return max(called, key=order.__getitem__)

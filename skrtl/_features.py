@@ -179,8 +179,10 @@ class PretrainedCNNFeatures(
         ``"auto"``: CUDA when available, else CPU.
     precision : {"auto", "mixed", "fp32", "bf16", "fp16"}, default="auto"
         ``"auto"``: ``"mixed"`` on CPUs with bfloat16 kernels (AVX512-BF16/AMX), else
-        ``"fp32"`` (also on CUDA). ``"mixed"``: the stem and the first block group run in
-        float32, the rest in bfloat16: faster than fp32 on such CPUs, with pooled features
+        ``"fp32"`` (also on CUDA). ``"mixed"``: the first transfer layers run in float32,
+        the rest in bfloat16 (OpenVINO: the first half of them, see
+        :data:`~skrtl._backends.OPENVINO_MIXED_FP32_SHARE`; torch: the stem and the first
+        block group): faster than fp32 on such CPUs, with pooled features
         within :data:`~skrtl._backends.BACKEND_TOLERANCE` ``["mixed"]`` (8 %, relative norm)
         of fp32, whatever the backend (the measured speed and accuracy are in
         ``docs/benchmarks.md``). ``"fp16"``: float16 autocast, CUDA only. ``"fp32"``:
@@ -197,16 +199,16 @@ class PretrainedCNNFeatures(
         activations), so it is off by default. Only used for ``layers="final"`` and the torch
         backend.
     backend : {"auto", "torch", "openvino", "onnxruntime"}, default="auto"
-        What runs the network on the CPU. ``"auto"`` (default): OpenVINO for float32
-        inference (``precision="fp32"``, or ``"auto"`` on a CPU without bfloat16 kernels)
-        when the ``openvino`` package is installed (``pip install 'skrtl[openvino]'``), the
-        device is the CPU and ``compile=False``; skrtl's own torch inference copy otherwise
-        (on CPUs with bfloat16 kernels its mixed precision is as fast as OpenVINO float32).
+        What runs the network on the CPU. ``"auto"`` (default): OpenVINO for float32 and
+        mixed-precision inference (so for ``precision="auto"`` on every CPU) when the
+        ``openvino`` package is installed (``pip install 'skrtl[openvino]'``), the device is
+        the CPU and ``compile=False``; skrtl's own torch inference copy otherwise
+        (``precision="bf16"``, CUDA, ``compile=True``, 3-D networks).
         ``"torch"``: always skrtl's torch inference copy (:mod:`skrtl._inference`).
         ``"openvino"``: the network (with static paddings, one output per requested feature
         map) is exported to ONNX and compiled by OpenVINO for the fitted input size and
-        precision, once per network state; ``"mixed"`` runs a float32 head and a bfloat16
-        tail, as the torch path does. ``"onnxruntime"``: ONNX Runtime, float32 only
+        precision, once per network state; ``"mixed"`` runs a float32 head (the first half
+        of the transfer layers) and a bfloat16 tail. ``"onnxruntime"``: ONNX Runtime, float32 only
         (``precision="auto"`` then means ``"fp32"``). Every compiled copy is checked against
         the float32 torch network when it is built (average-pooled feature maps of a probe
         image within :data:`~skrtl._backends.BACKEND_TOLERANCE`); a failed export,
