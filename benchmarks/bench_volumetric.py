@@ -361,8 +361,9 @@ def run_timing(splits, quick) -> list[dict]:
     """Seconds per training epoch and per volume of the 3-D network (ACS, lite0).
 
     Training: 2 epochs on 64 training volumes at 32^3 and 64^3, frozen-prefix cache on and
-    off (``freeze_depth=3``). Inference: the feature extractor's fast copy at 64^3 with each
-    precision, and without channels-last-3d.
+    off (``freeze_depth=3``), and the 3-D default network (inflated, 48^3, ``freeze_depth=5``)
+    in fp32 and, on CPUs with bf16 kernels, ``precision="bf16"``. Inference: the feature
+    extractor's fast copy at 64^3 with each precision, and without channels-last-3d.
     """
     import contextlib
 
@@ -405,6 +406,45 @@ def run_timing(splits, quick) -> list[dict]:
                 "config": f"train acs-{size} fd3" + ("" if cached else " uncached"),
                 "input_size": size,
                 "freeze_depth": 3,
+                "cached_prefix_stages": clf.cached_prefix_,
+                "n_volumes": n,
+                "sec_per_epoch_wall": round(last, 2),
+                "sec_per_volume_epoch_wall": round(last / n, 4),
+                "fit_cpu_s": round(clock.cpu, 1),
+                "predict_s_per_volume_wall": round(pclock.wall / n, 4),
+                "tta_views": len(clf._tta_flips()),
+            }
+        )
+        print(rows[-1], flush=True)
+    # the 3-D default network (inflated, 48^3, half of the layers frozen) in float32 and, on
+    # CPUs with bf16 kernels, under bfloat16 autocast (precision="bf16")
+    from skrtl.utils import bf16_supported
+
+    precisions = ("fp32", "bf16") if bf16_supported(torch.device("cpu")) else ("fp32",)
+    for precision in precisions:
+        clf = FineTuneClassifier(
+            mode="3d",
+            volumetric="inflate",
+            input_size=48,
+            freeze_depth=5,
+            max_epochs=2,
+            n_estimators=1,
+            validation_fraction=None,
+            precision=precision,
+            random_state=0,
+        )
+        with CpuClock() as clock:
+            clf.fit(X[:n], y[:n])
+        with CpuClock() as pclock:
+            clf.predict_proba(X[:n])
+        last = clf.history_[-1]["dur"]
+        rows.append(
+            {
+                "section": "timing",
+                "config": f"train inflate-48 fd5 {precision}",
+                "input_size": 48,
+                "freeze_depth": 5,
+                "precision": precision,
                 "cached_prefix_stages": clf.cached_prefix_,
                 "n_volumes": n,
                 "sec_per_epoch_wall": round(last, 2),
@@ -573,6 +613,8 @@ def main(argv=None):
         "inflated), seed 2 on an AVX2-only AMD EPYC without bf16 kernels (about 2.7x); the "
         "warm-up budget is therefore counted in member epochs at the score-stopped rows' "
         "CPU seconds per member epoch.",
+        "The timing rows were re-run last (2026-12-04, an AMD EPYC with AVX-512 and bf16 "
+        "kernels, quiet): 'machine' describes that run, not the fine-tune rows.",
     ]
 
     def write():

@@ -261,6 +261,10 @@ class _DepthwiseConv3d(torch.autograd.Function):
     ``split`` the weight is 2-D ``(C, 1, k, k)`` and only the ``k * k`` taps of each channel's
     plane are computed; otherwise the weight is ``(C, 1, k, k, k)``. ``taps`` are the used
     taps per axis (the input is padded for them).
+
+    Under autocast (``precision="bf16"``) the forward convolution runs in the autocast dtype,
+    and the backward pass, which runs outside autocast, computes in the output gradient's
+    dtype and returns every gradient in the dtype of its input.
     """
 
     @staticmethod
@@ -271,6 +275,7 @@ class _DepthwiseConv3d(torch.autograd.Function):
         ctx.save_for_backward(xp, weight)
         ctx.stride, ctx.split, ctx.taps = stride, split, taps
         ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return F.conv3d(xp, w3, bias, stride, 0, 1, xp.shape[1])
 
     @staticmethod
@@ -288,15 +293,17 @@ class _DepthwiseConv3d(torch.autograd.Function):
                 g[:, :, :: stride[0], :: stride[1], :: stride[2]] = go
             if go.is_contiguous(memory_format=torch.channels_last_3d):
                 g = g.contiguous(memory_format=torch.channels_last_3d)
-            wf = w3.flip(2, 3, 4).contiguous(memory_format=torch.channels_last_3d)
+            wf = w3.flip(2, 3, 4).to(g.dtype).contiguous(memory_format=torch.channels_last_3d)
             gx = F.conv3d(g, wf, None, 1, tuple(k - 1 for k in ks), 1, xp.shape[1])
             rest = [xp.shape[2 + i] - gx.shape[2 + i] for i in range(3)]
             if any(rest):
                 gx = F.pad(gx, (0, rest[2], 0, rest[1], 0, rest[0]))
+            gx = gx.to(xp.dtype)
         if ctx.needs_input_grad[1]:
-            gw = _tap_gradients(xp, go, stride, weight, split, taps)
+            gw = _tap_gradients(xp, go, stride, weight, split, taps).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = go.sum((0, 2, 3, 4))
+            acc = torch.promote_types(go.dtype, torch.float32)  # bf16 sums in float32
+            gb = go.sum((0, 2, 3, 4), dtype=acc).to(ctx.bias_dtype)
         return gx, gw, gb, None, None, None
 
 

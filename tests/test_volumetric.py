@@ -25,6 +25,7 @@ from skrtl import (
 from skrtl._adabn import bn_layers
 from skrtl._transfer import layerwise_param_groups, stage_list
 from skrtl._volumetric import ACSConv3d, InflatedConv3d, VolumetricRunner, acs_split
+from skrtl.utils import bf16_supported
 
 # small random-weight members of every supported family (plus the embedded default)
 FAMILIES = ["tf_efficientnet_lite0", "efficientnet_b0", "resnet18", "convnext_atto"]
@@ -423,6 +424,50 @@ def test_explain_refuses_a_3d_network():
     ).fit(frame, y)
     with pytest.raises(ValueError, match="saliency maps are 2-D"):
         explain(clf, frame)
+
+
+@pytest.mark.parametrize("method", ["acs", "inflate"])
+def test_depthwise_training_path_under_bf16_autocast(method):
+    # precision="bf16" trains under CPU autocast; the custom backward runs outside it and got a
+    # bfloat16 output gradient with a float32 kernel (a dtype error) before it cast them
+    torch.manual_seed(0)
+    conv2 = nn.Conv2d(6, 6, 3, 1, 1, groups=6, bias=True)
+    conv = (
+        ACSConv3d(conv2, same=False)
+        if method == "acs"
+        else InflatedConv3d.inflate(conv2, same=False, depth_padding="zeros")
+    )
+    x = torch.randn(2, 6, 4, 5, 5, requires_grad=True)
+    w3 = conv.kernel3d() if method == "acs" else conv.weight
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+        ref = F.conv3d(x, w3, conv.bias, 1, 1, 1, 6)
+    assert y.dtype == torch.bfloat16
+    go = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, conv.weight, conv.bias], go)
+    want = torch.autograd.grad(ref, [x, conv.weight, conv.bias], go)
+    for a, b, like in zip(got, want, (x, conv.weight, conv.bias)):
+        assert a.dtype == like.dtype == torch.float32
+        # both round to bfloat16, in different orders of summation
+        torch.testing.assert_close(a, b.to(a.dtype), atol=0.05 * float(b.abs().max()), rtol=0.05)
+    # and a tiny bf16 3-D fit runs end to end (on CPUs with bf16 kernels)
+    if not bf16_supported(torch.device("cpu")):
+        return
+    frame, yy = _volume_frame(n=6)
+    clf = FineTuneClassifier(
+        mode="3d",
+        volumetric=method,
+        input_size=32,
+        max_epochs=1,
+        batch_size=3,
+        n_estimators=1,
+        freeze_depth=5,
+        precision="bf16",
+        validation_fraction=None,
+        random_state=0,
+    ).fit(frame, yy)
+    proba = clf.predict_proba(frame)
+    assert proba.shape == (6, 2) and np.isfinite(proba).all()
 
 
 @pytest.mark.parametrize("stride", [1, 2])
