@@ -971,9 +971,10 @@ class FineTuneClassifier(ImageEstimatorMixin, ClassifierMixin, BaseFineTune):
     precision : {"fp32", "bf16"}, default="fp32"
         Arithmetic of the network's forward passes in training and prediction. ``"bf16"``
         runs them under bfloat16 autocast (``torch.autocast``; weights, gradients and the
-        optimizer stay float32), faster on CPUs with bfloat16 kernels (AVX512-BF16 / AMX) and
-        on GPUs; the frozen-prefix cache is computed in float32 either way. The benchmark in
-        ``docs/benchmarks.md`` gives the measured speed and accuracy; fp32 is the default.
+        optimizer stay float32), meant for GPUs and CPUs with bfloat16 kernels (AVX512-BF16 /
+        AMX); the frozen-prefix cache is computed in float32 either way. On the 2-core CPU of
+        the benchmarks it barely sped up full fine-tuning and not the default (prefix-cached)
+        one: ``docs/benchmarks.md`` gives the measured speed and accuracy; fp32 is the default.
     num_workers : int, default=0
         Worker processes of the training DataLoader (``0``: load in the main process). The
         network inputs are preprocessed once before training, so workers pay off when a

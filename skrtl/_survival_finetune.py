@@ -347,9 +347,10 @@ class FineTuneSurvival(ImageEstimatorMixin, ProportionalHazardsMixin, BaseFineTu
     precision : {"fp32", "bf16"}, default="fp32"
         Arithmetic of the network's forward passes in training and prediction. ``"bf16"``
         runs them under bfloat16 autocast (``torch.autocast``; weights, gradients and the
-        optimizer stay float32), faster on CPUs with bfloat16 kernels (AVX512-BF16 / AMX) and
-        on GPUs; the frozen-prefix cache is computed in float32 either way. The benchmark in
-        ``docs/benchmarks.md`` gives the measured speed and accuracy; fp32 is the default.
+        optimizer stay float32), meant for GPUs and CPUs with bfloat16 kernels (AVX512-BF16 /
+        AMX); the frozen-prefix cache is computed in float32 either way. On the 2-core CPU of
+        the benchmarks it barely sped up full fine-tuning and not the default (prefix-cached)
+        one: ``docs/benchmarks.md`` gives the measured speed and accuracy; fp32 is the default.
     num_workers : int, default=0
         Worker processes of the training DataLoader; results do not depend on it.
     input_size : int, (int, int), (int, int, int) or "auto", default="auto"
