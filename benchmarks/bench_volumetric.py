@@ -384,18 +384,18 @@ def run_timing(splits, quick) -> list[dict]:
     X, y = splits["train"]
     n = 16 if quick else 64
     rows = []
-    for size, cached in ((32, True), (64, True), (64, False)):
+
+    def train_row(config, *, uncached=False, **params):
+        """Fit one network for 2 epochs on ``n`` volumes; time its last epoch and prediction."""
         clf = FineTuneClassifier(
             mode="3d",
-            volumetric="acs",
-            input_size=size,
-            freeze_depth=3,
             max_epochs=2,
             n_estimators=1,
             validation_fraction=None,
             random_state=0,
+            **params,
         )
-        with contextlib.nullcontext() if cached else no_prefix_cache(), CpuClock() as clock:
+        with no_prefix_cache() if uncached else contextlib.nullcontext(), CpuClock() as clock:
             clf.fit(X[:n], y[:n])
         with CpuClock() as pclock:
             clf.predict_proba(X[:n])
@@ -403,9 +403,10 @@ def run_timing(splits, quick) -> list[dict]:
         rows.append(
             {
                 "section": "timing",
-                "config": f"train acs-{size} fd3" + ("" if cached else " uncached"),
-                "input_size": size,
-                "freeze_depth": 3,
+                "config": config,
+                "input_size": params["input_size"],
+                "freeze_depth": params["freeze_depth"],
+                **({"precision": params["precision"]} if "precision" in params else {}),
                 "cached_prefix_stages": clf.cached_prefix_,
                 "n_volumes": n,
                 "sec_per_epoch_wall": round(last, 2),
@@ -416,45 +417,23 @@ def run_timing(splits, quick) -> list[dict]:
             }
         )
         print(rows[-1], flush=True)
+
+    for size, cached in ((32, True), (64, True), (64, False)):
+        config = f"train acs-{size} fd3" + ("" if cached else " uncached")
+        train_row(config, uncached=not cached, volumetric="acs", input_size=size, freeze_depth=3)
     # the 3-D default network (inflated, 48^3, half of the layers frozen) in float32 and, on
     # CPUs with bf16 kernels, under bfloat16 autocast (precision="bf16")
     from skrtl.utils import bf16_supported
 
     precisions = ("fp32", "bf16") if bf16_supported(torch.device("cpu")) else ("fp32",)
     for precision in precisions:
-        clf = FineTuneClassifier(
-            mode="3d",
+        train_row(
+            f"train inflate-48 fd5 {precision}",
             volumetric="inflate",
             input_size=48,
             freeze_depth=5,
-            max_epochs=2,
-            n_estimators=1,
-            validation_fraction=None,
             precision=precision,
-            random_state=0,
         )
-        with CpuClock() as clock:
-            clf.fit(X[:n], y[:n])
-        with CpuClock() as pclock:
-            clf.predict_proba(X[:n])
-        last = clf.history_[-1]["dur"]
-        rows.append(
-            {
-                "section": "timing",
-                "config": f"train inflate-48 fd5 {precision}",
-                "input_size": 48,
-                "freeze_depth": 5,
-                "precision": precision,
-                "cached_prefix_stages": clf.cached_prefix_,
-                "n_volumes": n,
-                "sec_per_epoch_wall": round(last, 2),
-                "sec_per_volume_epoch_wall": round(last / n, 4),
-                "fit_cpu_s": round(clock.cpu, 1),
-                "predict_s_per_volume_wall": round(pclock.wall / n, 4),
-                "tta_views": len(clf._tta_flips()),
-            }
-        )
-        print(rows[-1], flush=True)
     model, _, _ = pretrained_volumetric_backbone(
         "tf_efficientnet_lite0", None, True, 3, torch.device("cpu"), "acs"
     )
