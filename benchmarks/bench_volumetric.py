@@ -602,8 +602,9 @@ def main(argv=None):
         "inflated), seed 2 on an AVX2-only AMD EPYC without bf16 kernels (about 2.7x); the "
         "warm-up budget is therefore counted in member epochs at the score-stopped rows' "
         "CPU seconds per member epoch.",
-        "The timing rows were re-run last (2026-12-04, an AMD EPYC with AVX-512 and bf16 "
-        "kernels, quiet): 'machine' describes that run, not the fine-tune rows.",
+        "The timing rows and the inflate-64-ens5-seed0 row were run last (2026-12-04, an AMD "
+        "EPYC with AVX-512 and bf16 kernels, quiet; the 64^3 row after the timing rows): "
+        "'machine' describes the 64^3 run, not the other fine-tune rows.",
     ]
 
     def write():
